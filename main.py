@@ -1,0 +1,482 @@
+"""FastAPI REST - Part 4: JWT authentication and role-based authorization.
+
+The whole app in one file, in the order of lesson.md. Each part opens with a
+banner comment naming its lesson section; lesson.md quotes those parts.
+"""
+
+import argparse
+import asyncio
+import enum
+import getpass
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import asyncpg
+import databases
+import jwt
+import sqlalchemy
+from decouple import AutoConfig
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.security import HTTPBearer
+from passlib.context import CryptContext
+from pydantic import BaseModel, EmailStr, Field, ValidationError, field_validator
+
+
+# --- Settings ---
+
+BASE_DIR = Path(__file__).resolve().parent
+
+# Read .env from beside this file, whichever directory uvicorn is started from.
+# Environment variables win over .env, so tests and servers can override it.
+config = AutoConfig(search_path=BASE_DIR)
+
+DATABASE_URL = config("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'clothes.db'}")
+JWT_EXPIRES_MINUTES = config("JWT_EXPIRES_MINUTES", cast=int, default=120)
+BCRYPT_ROUNDS = config("BCRYPT_ROUNDS", cast=int, default=12)
+JWT_SECRET = config("JWT_SECRET", default="")
+
+if not JWT_SECRET:
+    # A fresh clone must run, but a secret made up now dies with the process.
+    JWT_SECRET = secrets.token_urlsafe(32)
+    logging.getLogger(__name__).warning(
+        "JWT_SECRET is not set: using a random secret for this process only, "
+        "so every token stops working when the server restarts. "
+        "Copy .env.example to .env and set JWT_SECRET there."
+    )
+elif len(JWT_SECRET.encode()) < 32:
+    # HS256 needs a key of at least 256 bits (RFC 7518, section 3.2).
+    raise SystemExit(
+        "JWT_SECRET is too short: use at least 32 bytes. Make one with\n"
+        '    python -c "import secrets; print(secrets.token_urlsafe(32))"'
+    )
+
+
+# --- Enums (3.1 adds UserRolesEnum) ---
+
+class ColorEnum(enum.Enum):
+    pink = "pink"
+    black = "black"
+    white = "white"
+    yellow = "yellow"
+
+
+class SizeEnum(enum.Enum):
+    xs = "xs"
+    s = "s"
+    m = "m"
+    l = "l"  # noqa: E741 - the clothes size "L"
+    xl = "xl"
+    xxl = "xxl"
+
+
+class UserRolesEnum(enum.Enum):
+    super_admin = "super_admin"
+    admin = "admin"
+    user = "user"
+
+
+# --- Tables (3.1 adds the role column) ---
+
+database = databases.Database(DATABASE_URL)
+metadata = sqlalchemy.MetaData()
+# A plain (not async) engine, only to create the tables and for the admin command.
+engine = sqlalchemy.create_engine(DATABASE_URL)
+
+users = sqlalchemy.Table(
+    "users",
+    metadata,
+    sqlalchemy.Column("id", sqlalchemy.Integer, primary_key=True),
+    sqlalchemy.Column("email", sqlalchemy.String(120), unique=True, nullable=False),
+    sqlalchemy.Column("password", sqlalchemy.String(255), nullable=False),
+    sqlalchemy.Column("full_name", sqlalchemy.String(200)),
+    sqlalchemy.Column("phone", sqlalchemy.String(13)),
+    # timezone=True: PostgreSQL keeps the offset; SQLite's now() is UTC anyway.
+    sqlalchemy.Column(
+        "created_at",
+        sqlalchemy.DateTime(timezone=True),
+        nullable=False,
+        server_default=sqlalchemy.func.now(),
+    ),
+    sqlalchemy.Column(
+        "last_modified_at",
+        sqlalchemy.DateTime(timezone=True),
+        nullable=False,
+        server_default=sqlalchemy.func.now(),
+        onupdate=sqlalchemy.func.now(),
+    ),
+    # The database fills in "user", so nobody becomes an admin by accident.
+    sqlalchemy.Column(
+        "role",
+        sqlalchemy.Enum(UserRolesEnum, name="user_role"),
+        nullable=False,
+        server_default=UserRolesEnum.user.name,
+    ),
+)
+
+clothes = sqlalchemy.Table(
+    "clothes",
+    metadata,
+    sqlalchemy.Column("id", sqlalchemy.Integer, primary_key=True),
+    sqlalchemy.Column("name", sqlalchemy.String(120), nullable=False),
+    sqlalchemy.Column("color", sqlalchemy.Enum(ColorEnum), nullable=False),
+    sqlalchemy.Column("size", sqlalchemy.Enum(SizeEnum), nullable=False),
+    sqlalchemy.Column("photo_url", sqlalchemy.String(255), nullable=False),
+    sqlalchemy.Column(
+        "created_at",
+        sqlalchemy.DateTime(timezone=True),
+        nullable=False,
+        server_default=sqlalchemy.func.now(),
+    ),
+    sqlalchemy.Column(
+        "last_modified_at",
+        sqlalchemy.DateTime(timezone=True),
+        nullable=False,
+        server_default=sqlalchemy.func.now(),
+        onupdate=sqlalchemy.func.now(),
+    ),
+)
+
+# Each database driver raises its own error when the email is taken already.
+DUPLICATE_KEY_ERRORS = (sqlite3.IntegrityError, asyncpg.UniqueViolationError)
+
+
+# --- Schemas ---
+
+class UserSignIn(BaseModel):
+    # The limits match the columns, so a long value is a 422, not a database error.
+    email: EmailStr = Field(max_length=120)
+    password: str = Field(min_length=8)
+    full_name: str = Field(min_length=1, max_length=200)
+    phone: str | None = Field(default=None, max_length=13)
+
+    # bcrypt reads only the first 72 bytes; refuse more rather than ignore them.
+    @field_validator("password")
+    @classmethod
+    def password_fits_bcrypt(cls, password: str) -> str:
+        if len(password.encode()) > 72:
+            raise ValueError("password must be at most 72 bytes")
+        return password
+
+
+class UserLogin(BaseModel):
+    email: EmailStr
+    password: str
+
+
+class TokenOut(BaseModel):
+    token: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class ClothesBase(BaseModel):
+    name: str = Field(min_length=1, max_length=120)
+    photo_url: str = Field(max_length=255)
+    size: SizeEnum
+    color: ColorEnum
+
+
+class ClothesIn(ClothesBase):
+    pass
+
+
+class ClothesOut(ClothesBase):
+    id: int
+    created_at: datetime
+    last_modified_at: datetime
+
+    # SQLite returns its UTC timestamps without an offset: attach it, so
+    # clients get "2026-11-28T15:00:00Z", never a time they must guess about.
+    @field_validator("created_at", "last_modified_at")
+    @classmethod
+    def in_utc(cls, moment: datetime) -> datetime:
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc)
+
+
+# --- Password hashing ---
+
+pwd_context = CryptContext(schemes=["bcrypt"], bcrypt__rounds=BCRYPT_ROUNDS)
+
+# A hash takes about 0.4 s of CPU on purpose. Run it in worker threads, never on
+# the event loop, and keep one core free so the other requests are still served.
+# The price: fewer logins per second than the machine could hash (see bench.py).
+hashing_pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1))
+
+
+async def run_hashing(function, *args):
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(hashing_pool, function, *args)
+
+
+# --- 1.2 Encode token ---
+
+def create_access_token(user_id: int) -> str:
+    # PyJWT 2.10+ insists that "sub" is a string, so the id goes in as text.
+    payload = {
+        "sub": str(user_id),
+        "exp": datetime.now(timezone.utc) + timedelta(minutes=JWT_EXPIRES_MINUTES),
+    }
+    return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
+
+
+# --- App ---
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    # create_all adds missing tables, never missing columns: see lesson.md, section 6.
+    metadata.create_all(engine)
+    await database.connect()
+    yield
+    await database.disconnect()
+
+
+app = FastAPI(
+    title="Clothes shop - JWT authentication and roles",
+    summary="FastAPI REST, part 4: the lesson app.",
+    description=(
+        "Register (or log in) to get a token. Click **Authorize**, paste the token "
+        "(without quotes) and close the dialog: every request then carries "
+        "`Authorization: Bearer <token>`. Anyone with a token may list clothes; "
+        "only an admin may add them."
+    ),
+    lifespan=lifespan,
+)
+
+NOT_AUTHENTICATED = {
+    status.HTTP_401_UNAUTHORIZED: {
+        "model": ErrorOut,
+        "description": "No token, or a token that is expired or invalid",
+    }
+}
+NOT_ALLOWED = {
+    status.HTTP_403_FORBIDDEN: {
+        "model": ErrorOut,
+        "description": "A valid token, but the user's role may not do this",
+    }
+}
+
+
+# --- 1.3 Register returns a token ---
+
+@app.post(
+    "/register",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TokenOut,
+    responses={status.HTTP_409_CONFLICT: {"model": ErrorOut, "description": "Email taken"}},
+    tags=["1 · JWT"],
+    summary="1.3 Register a user and get a token",
+)
+async def create_user(user: UserSignIn):
+    values = user.model_dump()
+    values["password"] = await run_hashing(pwd_context.hash, user.password)
+    try:
+        id_ = await database.execute(users.insert().values(**values))
+    except DUPLICATE_KEY_ERRORS:
+        # The unique column decides, so two requests at once cannot both win.
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, "A user with this email already exists."
+        )
+    return {"token": create_access_token(id_)}
+
+
+# --- 2.1 Custom HTTPBearer class ---
+
+# A user id we issued: a positive whole number that fits the id column.
+USER_ID_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
+
+
+def token_error(detail: str) -> HTTPException:
+    # 401 means "who are you?"; the header tells the client to send a Bearer token.
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+class CustomHTTPBearer(HTTPBearer):
+    async def __call__(self, request: Request) -> dict:
+        # The base class answers 401 "Not authenticated" when there is no Bearer token.
+        res = await super().__call__(request)
+        try:
+            payload = jwt.decode(
+                res.credentials,
+                JWT_SECRET,
+                algorithms=["HS256"],
+                options={"require": ["exp", "sub"]},
+            )
+        # ExpiredSignatureError is a kind of InvalidTokenError, so it comes first.
+        except jwt.ExpiredSignatureError:
+            raise token_error("Token expired.")
+        except jwt.InvalidTokenError:
+            raise token_error("Invalid token.")
+        if not USER_ID_PATTERN.fullmatch(payload["sub"]):
+            raise token_error("Invalid token.")
+        user = await database.fetch_one(
+            users.select().where(users.c.id == int(payload["sub"]))
+        )
+        # The user may have been deleted since the token was issued.
+        if user is None:
+            raise token_error("Invalid token.")
+        request.state.user = user
+        return payload
+
+
+# The tutorial's name; it checks Bearer tokens, it does not speak OAuth2.
+oauth2_scheme = CustomHTTPBearer(bearerFormat="JWT")
+
+
+# --- 2.2 Usage: protect GET /clothes/ ---
+
+@app.get(
+    "/clothes/",
+    response_model=list[ClothesOut],
+    dependencies=[Depends(oauth2_scheme)],
+    responses=NOT_AUTHENTICATED,
+    tags=["2 · Authentication"],
+    summary="2.2 List clothes (any logged-in user)",
+)
+async def get_all_clothes():
+    return await database.fetch_all(clothes.select())
+
+
+# --- 3.2 Extend the dependencies: is_admin ---
+
+async def is_admin(request: Request):
+    # Runs after oauth2_scheme, which loaded the user fresh from the database,
+    # so a demoted admin is refused on the very next request.
+    user = request.state.user
+    if user["role"] not in (UserRolesEnum.admin, UserRolesEnum.super_admin):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "You do not have permissions for this resource"
+        )
+
+
+@app.post(
+    "/clothes/",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ClothesOut,
+    # Order matters: first who you are (401), then what you may do (403).
+    dependencies=[Depends(oauth2_scheme), Depends(is_admin)],
+    responses={**NOT_AUTHENTICATED, **NOT_ALLOWED},
+    tags=["3 · Authorization"],
+    summary="3.2 Add clothes (admin and super_admin only)",
+)
+async def create_clothes(clothes_data: ClothesIn):
+    id_ = await database.execute(clothes.insert().values(**clothes_data.model_dump()))
+    return await database.fetch_one(clothes.select().where(clothes.c.id == id_))
+
+
+# --- 4 Logging in ---
+
+@app.post(
+    "/login",
+    response_model=TokenOut,
+    responses={
+        status.HTTP_401_UNAUTHORIZED: {
+            "model": ErrorOut,
+            "description": "Unknown email or wrong password",
+        }
+    },
+    tags=["1 · JWT"],
+    summary="4 Log in with email and password and get a token",
+)
+async def login(credentials: UserLogin):
+    user = await database.fetch_one(
+        users.select().where(users.c.email == credentials.email)
+    )
+    if user is None:
+        # Hash anyway, so the response time does not tell which emails exist.
+        password_ok = await run_hashing(pwd_context.dummy_verify)
+    else:
+        password_ok = await run_hashing(
+            pwd_context.verify, credentials.password, user["password"]
+        )
+    if not password_ok:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "Incorrect email or password.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return {"token": create_access_token(user["id"])}
+
+
+# --- 5 Making an admin ---
+
+def read_password() -> str:
+    # Typed at a prompt it stays out of the shell history; piped in, it suits scripts.
+    if sys.stdin.isatty():
+        return getpass.getpass("Password: ")
+    return sys.stdin.readline().rstrip("\n")
+
+
+def create_user_command(connection, args) -> str:
+    try:
+        user = UserSignIn(
+            email=args.email,
+            password=read_password(),
+            full_name=args.full_name,
+            phone=args.phone,
+        )
+    except ValidationError as error:
+        raise SystemExit(f"Not created: {error}")
+    values = user.model_dump()
+    values["password"] = pwd_context.hash(user.password)
+    values["role"] = UserRolesEnum[args.role]
+    try:
+        connection.execute(users.insert().values(**values))
+    except sqlalchemy.exc.IntegrityError:
+        raise SystemExit(f"Not created: {user.email} is taken. Use set-role instead.")
+    return f"Created {user.email} with role {args.role}."
+
+
+def set_role_command(connection, args) -> str:
+    result = connection.execute(
+        users.update()
+        .where(users.c.email == args.email)
+        .values(role=UserRolesEnum[args.role])
+    )
+    if result.rowcount == 0:
+        raise SystemExit(f"No user with email {args.email}.")
+    return f"{args.email} is now {args.role}."
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python main.py", description="Manage the lesson app's users."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    roles = [role.name for role in UserRolesEnum]
+
+    create = commands.add_parser(
+        "create-user", help="create a user with a role; asks for the password"
+    )
+    create.add_argument("email")
+    create.add_argument("--role", choices=roles, default="admin")
+    create.add_argument("--full-name", default="Shop Admin")
+    create.add_argument("--phone")
+    create.set_defaults(handler=create_user_command)
+
+    set_role = commands.add_parser("set-role", help="change an existing user's role")
+    set_role.add_argument("email")
+    set_role.add_argument("role", choices=roles)
+    set_role.set_defaults(handler=set_role_command)
+
+    args = parser.parse_args(argv)
+    metadata.create_all(engine)  # the server may never have run yet
+    with engine.begin() as connection:
+        print(args.handler(connection, args))
+
+
+if __name__ == "__main__":
+    main()
