@@ -4,6 +4,8 @@ The whole app in one file, in the order of lesson.md. Each part opens with a
 banner comment naming its lesson section; lesson.md quotes those parts.
 """
 
+# --- Imports ---
+
 import argparse
 import asyncio
 import enum
@@ -87,7 +89,7 @@ class UserRolesEnum(enum.Enum):
 
 database = databases.Database(DATABASE_URL)
 metadata = sqlalchemy.MetaData()
-# A plain (not async) engine, only to create the tables and for the admin command.
+# A plain (not async) engine, for create_all and the admin command only.
 engine = sqlalchemy.create_engine(DATABASE_URL)
 
 users = sqlalchemy.Table(
@@ -240,6 +242,7 @@ async def lifespan(app: FastAPI):
     await database.connect()
     yield
     await database.disconnect()
+    engine.dispose()
 
 
 app = FastAPI(

@@ -1,0 +1,659 @@
+"""Checkpoint tests for the lesson app, one group per lesson section.
+
+    python -m pytest -W error            # every checkpoint, on our main.py
+    python -m pytest -k test_2_1         # one checkpoint
+    LESSON_APP=path/to/your_main.py python -m pytest -k test_2_1   # on your file
+
+The tests talk to the app only through HTTP (TestClient) and to the database
+only through the DATABASE_URL they set, so they work on any file that follows
+the lesson. Each test gets a fresh copy of the app file in its own directory,
+so your own .env and database are never read or touched.
+"""
+
+import importlib.util
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import jwt
+import pytest
+import sqlalchemy
+from fastapi.testclient import TestClient
+from passlib.context import CryptContext
+
+HERE = Path(__file__).resolve().parent
+APP_FILE = Path(os.environ.get("LESSON_APP", HERE / "main.py")).resolve()
+CHECKING_OUR_APP = APP_FILE == HERE / "main.py"
+# 64 bytes, so PyJWT does not warn even when a test signs with HS512.
+SECRET = "a-test-secret-long-enough-for-hs256-and-even-for-hs512-0123456789"
+
+# A deprecated API is a bug in a teaching app: every warning fails the test.
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+# --- Fixtures and helpers -------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    url = os.environ.get("TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("PostgreSQL run: set TEST_DATABASE_URL=postgresql://... to include it")
+    # Every test starts from an empty schema: no tables, no enum types.
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text("DROP SCHEMA public CASCADE"))
+        connection.execute(sqlalchemy.text("CREATE SCHEMA public"))
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def app_dir(tmp_path, monkeypatch, database_url):
+    """A directory holding a fresh copy of the app file, and the environment it reads."""
+    directory = tmp_path / "app"
+    directory.mkdir()
+    shutil.copy(APP_FILE, directory / "main.py")
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("JWT_EXPIRES_MINUTES", "120")
+    monkeypatch.setenv("BCRYPT_ROUNDS", "4")  # bcrypt's minimum: fast tests
+    return directory
+
+
+def load_app(directory):
+    """Import directory/main.py as a new module, as uvicorn would."""
+    spec = importlib.util.spec_from_file_location("lesson_app", directory / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lesson_app"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def client(app_dir):
+    with TestClient(load_app(app_dir).app) as client:
+        yield client
+
+
+@pytest.fixture
+def db(database_url):
+    engine = sqlalchemy.create_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def rows(db, sql, **params):
+    with db.connect() as connection:
+        return connection.execute(sqlalchemy.text(sql), params).mappings().all()
+
+
+def run_sql(db, sql, **params):
+    with db.begin() as connection:
+        connection.execute(sqlalchemy.text(sql), params)
+
+
+def expect(response, status_code, section):
+    request = response.request
+    assert response.status_code == status_code, (
+        f"{section}: {request.method} {request.url.path} should answer {status_code}, "
+        f"got {response.status_code}: {response.text[:300]}"
+    )
+
+
+def expect_401(response, detail, section):
+    expect(response, 401, section)
+    assert response.json() == {"detail": detail}, (
+        f"{section}: expected detail {detail!r}, got {response.json()}"
+    )
+    assert response.headers.get("www-authenticate") == "Bearer", (
+        f"{section}: a 401 must say how to authenticate: WWW-Authenticate: Bearer"
+    )
+
+
+def register(client, email="ada@example.com", password="correct horse", **extra):
+    body = {"email": email, "password": password, "full_name": "Ada Lovelace", **extra}
+    response = client.post("/register", json=body)
+    expect(response, 201, "1.3 register")
+    return response.json()["token"]
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def user_id(db, email):
+    return rows(db, "SELECT id FROM users WHERE email = :email", email=email)[0]["id"]
+
+
+def set_role(db, email, role):
+    run_sql(db, "UPDATE users SET role = :role WHERE email = :email", role=role, email=email)
+
+
+def make_token(payload, key=SECRET, algorithm="HS256"):
+    return jwt.encode(payload, key, algorithm=algorithm)
+
+
+def in_one_hour():
+    return datetime.now(timezone.utc) + timedelta(hours=1)
+
+
+SHIRT = {"name": "Linen shirt", "photo_url": "https://example.com/shirt.jpg",
+         "size": "m", "color": "white"}
+
+
+# --- 1.2 Encode token -------------------------------------------------------------
+
+def test_1_2_token_is_hs256_with_string_sub_and_exp(client, db):
+    token = register(client)
+    assert jwt.get_unverified_header(token)["alg"] == "HS256", "1.2: sign with HS256"
+    payload = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert payload["sub"] == str(user_id(db, "ada@example.com")), (
+        "1.2: sub must be the user's id as a string (PyJWT 2.10+ rejects an integer)"
+    )
+    lifetime = payload["exp"] - datetime.now(timezone.utc).timestamp()
+    assert 120 * 60 - 60 < lifetime <= 120 * 60, (
+        f"1.2: the token should expire in 120 minutes, it expires in {lifetime:.0f} s"
+    )
+
+
+def test_1_2_token_lifetime_comes_from_jwt_expires_minutes(app_dir, monkeypatch):
+    monkeypatch.setenv("JWT_EXPIRES_MINUTES", "5")
+    with TestClient(load_app(app_dir).app) as client:
+        token = register(client)
+    payload = jwt.decode(token, SECRET, algorithms=["HS256"])
+    lifetime = payload["exp"] - datetime.now(timezone.utc).timestamp()
+    assert 5 * 60 - 60 < lifetime <= 5 * 60, (
+        f"1.2: with JWT_EXPIRES_MINUTES=5 the token should live 5 minutes, not {lifetime:.0f} s"
+    )
+
+
+# --- 1.3 Register returns a token -----------------------------------------------
+
+def test_1_3_register_answers_201_with_only_a_token(client):
+    body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
+    response = client.post("/register", json=body)
+    expect(response, 201, "1.3")
+    assert list(response.json()) == ["token"], (
+        f"1.3: register returns {{'token': ...}} and nothing else, got {response.json()}"
+    )
+
+
+def test_1_3_register_stores_a_bcrypt_hash_and_the_user_role(client, db):
+    register(client, phone="+359888123456")
+    [user] = rows(db, "SELECT * FROM users")
+    assert user["email"] == "ada@example.com"
+    assert user["full_name"] == "Ada Lovelace" and user["phone"] == "+359888123456"
+    assert user["password"] != "correct horse", "1.3: never store the password itself"
+    assert CryptContext(schemes=["bcrypt"]).verify("correct horse", user["password"]), (
+        "1.3: store a bcrypt hash of the password"
+    )
+    assert user["role"] == "user", "3.1: a new user gets the role 'user'"
+
+
+def test_1_3_a_role_in_the_body_is_ignored(client, db):
+    register(client, role="super_admin")
+    [user] = rows(db, "SELECT role FROM users")
+    assert user["role"] == "user", "1.3: nobody may make themselves an admin by registering"
+
+
+def test_1_3_same_email_twice_is_409_and_keeps_the_first_user(client, db):
+    register(client, password="first password")
+    [before] = rows(db, "SELECT * FROM users")
+    body = {"email": "ada@example.com", "password": "second password", "full_name": "Eve"}
+    response = client.post("/register", json=body)
+    expect(response, 409, "1.3")
+    assert response.json() == {"detail": "A user with this email already exists."}
+    assert rows(db, "SELECT * FROM users") == [before], "1.3: the first user must stay as it was"
+
+
+def test_1_3_same_email_at_once_gives_one_user(client, db):
+    body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        responses = list(pool.map(lambda _: client.post("/register", json=body), range(10)))
+    codes = sorted(response.status_code for response in responses)
+    assert codes == [201] + [409] * 9, f"1.3: expected one 201 and nine 409, got {codes}"
+    assert len(rows(db, "SELECT id FROM users")) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"email": "not-an-email"},
+        {"email": None},
+        {"password": "short"},
+        {"password": "é" * 37},  # 74 bytes: bcrypt would silently drop the end
+        {"phone": "1" * 14},  # longer than the column
+        {"full_name": "x" * 201},
+        {"email": ("a" * 110) + "@example.com"},  # longer than the column
+    ],
+    ids=["bad-email", "no-email", "short-password", "74-byte-password", "long-phone",
+         "long-name", "long-email"],
+)
+def test_1_3_invalid_registration_is_422_and_stores_nothing(client, db, change):
+    body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
+    body.update(change)
+    body = {key: value for key, value in body.items() if value is not None}
+    expect(client.post("/register", json=body), 422, "1.3")
+    assert rows(db, "SELECT id FROM users") == []
+
+
+def test_1_3_a_72_byte_password_is_accepted(client):
+    register(client, password="é" * 36)
+
+
+def test_1_3_broken_json_is_422(client):
+    response = client.post(
+        "/register", content=b'{"email": ', headers={"Content-Type": "application/json"}
+    )
+    expect(response, 422, "1.3")
+
+
+# --- 2.1 Custom HTTPBearer class ------------------------------------------------
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Basic YWRhOnNlY3JldA=="}, {"Authorization": "Bearer"},
+     {"Authorization": "Bearer "}, {"Authorization": ""}],
+    ids=["no-header", "basic", "bare-bearer", "empty-token", "empty-header"],
+)
+def test_2_1_no_bearer_token_is_401_not_authenticated(client, headers):
+    expect_401(client.get("/clothes/", headers=headers), "Not authenticated", "2.1")
+
+
+def test_2_1_expired_token_is_401_token_expired(client, db):
+    register(client)
+    past = datetime.now(timezone.utc) - timedelta(minutes=1)
+    token = make_token({"sub": str(user_id(db, "ada@example.com")), "exp": past})
+    expect_401(client.get("/clothes/", headers=bearer(token)), "Token expired.", "2.1")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        make_token({"sub": "1", "exp": in_one_hour()}, key="another-secret-that-is-32-bytes-long"),
+        make_token({"sub": "1", "exp": in_one_hour()}, algorithm="HS512"),
+        jwt.encode({"sub": "1", "exp": in_one_hour()}, None, algorithm="none"),
+        make_token({"exp": in_one_hour()}),
+        make_token({"sub": "1"}),
+        make_token({"sub": "ada", "exp": in_one_hour()}),
+        make_token({"sub": "1 OR 1=1", "exp": in_one_hour()}),
+        make_token({"sub": "0", "exp": in_one_hour()}),
+        make_token({"sub": "9" * 40, "exp": in_one_hour()}),
+        "not-a-jwt",
+        "a.b.c",
+        "x" * 10_000,
+    ],
+    ids=["wrong-secret", "hs512", "alg-none", "no-sub", "no-exp", "text-sub", "sql-sub",
+         "sub-0", "huge-sub", "garbage", "three-parts", "10kB"],
+)
+def test_2_1_bad_token_is_401_invalid_token(client, token):
+    register(client)  # user 1 exists, so only the token can be at fault
+    expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
+
+
+def test_2_1_integer_sub_is_401_invalid_token(client):
+    # The tutorial's token: PyJWT 2.10+ refuses a sub that is not a string.
+    register(client)
+    token = make_token({"sub": 1, "exp": in_one_hour()})
+    expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
+
+
+def test_2_1_token_of_a_deleted_user_is_401_invalid_token(client, db):
+    token = register(client)
+    run_sql(db, "DELETE FROM users")
+    expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
+
+
+def test_2_1_openapi_declares_the_bearer_scheme(client):
+    schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"] == {
+        "CustomHTTPBearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    }, "2.1: Swagger's Authorize button comes from this security scheme"
+    paths = schema["paths"]
+    assert paths["/clothes/"]["get"]["security"] == [{"CustomHTTPBearer": []}]
+    assert paths["/clothes/"]["post"]["security"] == [{"CustomHTTPBearer": []}]
+    assert "security" not in paths["/register"]["post"], "1.3: register needs no token"
+
+
+# --- 2.2 Usage: protect GET /clothes/ -------------------------------------------
+
+def test_2_2_valid_token_lists_clothes(client, db):
+    token = register(client)
+    response = client.get("/clothes/", headers=bearer(token))
+    expect(response, 200, "2.2")
+    assert response.json() == [], "2.2: no clothes yet, so an empty list"
+    run_sql(
+        db,
+        "INSERT INTO clothes (name, color, size, photo_url) VALUES ('Scarf', 'pink', 'xl', 'u')",
+    )
+    [item] = client.get("/clothes/", headers=bearer(token)).json()
+    assert {key: item[key] for key in ("name", "color", "size", "photo_url")} == {
+        "name": "Scarf", "color": "pink", "size": "xl", "photo_url": "u"
+    }
+    assert datetime.fromisoformat(item["created_at"]).utcoffset() == timedelta(0), (
+        f"2.2: times carry their UTC offset, got {item['created_at']!r}"
+    )
+
+
+def test_2_2_token_from_another_server_secret_is_refused(client):
+    register(client)
+    token = make_token({"sub": "1", "exp": in_one_hour()}, key="x" * 40)
+    expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.2")
+
+
+# --- 3.1 Change the user model: the role column ---------------------------------
+
+def test_3_1_role_defaults_to_user_in_the_database(client, db):
+    # Even a row written without the app gets the role "user".
+    run_sql(db, "INSERT INTO users (email, password) VALUES ('raw@example.com', 'x')")
+    [user] = rows(db, "SELECT role FROM users")
+    assert user["role"] == "user", "3.1: the role column needs server_default 'user'"
+
+
+def test_3_1_roles_are_super_admin_admin_user(client, db):
+    for role in ("super_admin", "admin", "user"):
+        email = f"{role}@example.com"
+        register(client, email=email)
+        set_role(db, email, role)
+    stored = {row["role"] for row in rows(db, "SELECT role FROM users")}
+    assert stored == {"super_admin", "admin", "user"}
+
+
+# --- 3.2 Extend the dependencies: is_admin ---------------------------------------
+
+def test_3_2_plain_user_cannot_add_clothes(client, db):
+    token = register(client)
+    response = client.post("/clothes/", json=SHIRT, headers=bearer(token))
+    expect(response, 403, "3.2")
+    assert response.json() == {"detail": "You do not have permissions for this resource"}
+    assert "www-authenticate" not in response.headers, (
+        "3.2: 403 means 'you are known but not allowed': no WWW-Authenticate"
+    )
+    assert rows(db, "SELECT id FROM clothes") == []
+
+
+def test_3_2_no_token_on_post_is_401_not_403(client):
+    expect_401(client.post("/clothes/", json=SHIRT), "Not authenticated", "3.2")
+
+
+@pytest.mark.parametrize("role", ["admin", "super_admin"])
+def test_3_2_admins_add_clothes(client, db, role):
+    # Other users first, so a user id never equals the new clothes id by luck.
+    register(client, email="first@example.com")
+    register(client, email="second@example.com")
+    token = register(client)
+    set_role(db, "ada@example.com", role)
+    response = client.post("/clothes/", json=SHIRT, headers=bearer(token))
+    expect(response, 201, "3.2")
+    body = response.json()
+    [row] = rows(db, "SELECT id, name FROM clothes")
+    assert body["id"] == row["id"] and body["name"] == "Linen shirt", (
+        "3.2: return the new clothes row (read it back with clothes.c.id, not users.c.id)"
+    )
+    assert {key: body[key] for key in SHIRT} == SHIRT
+    for key in ("created_at", "last_modified_at"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", body[key]), (
+            f"3.2: {key} should be an RFC 3339 time with its offset, got {body[key]!r}"
+        )
+        moment = datetime.fromisoformat(body[key])
+        assert abs(moment - datetime.now(timezone.utc)) < timedelta(minutes=5)
+
+
+def test_3_2_role_is_read_from_the_database_on_every_request(client, db):
+    token = register(client)
+    set_role(db, "ada@example.com", "admin")
+    expect(client.post("/clothes/", json=SHIRT, headers=bearer(token)), 201, "3.2")
+    set_role(db, "ada@example.com", "user")
+    response = client.post("/clothes/", json=SHIRT, headers=bearer(token))
+    expect(response, 403, "3.2: a demoted admin is refused with the same token")
+    assert len(rows(db, "SELECT id FROM clothes")) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"size": "xxxl"}, {"color": "green"}, {"name": None}, {"name": "x" * 121}],
+    ids=["bad-size", "bad-color", "no-name", "long-name"],
+)
+def test_3_2_invalid_clothes_are_422(client, db, change):
+    token = register(client)
+    set_role(db, "ada@example.com", "admin")
+    body = {**SHIRT, **change}
+    body = {key: value for key, value in body.items() if value is not None}
+    expect(client.post("/clothes/", json=body, headers=bearer(token)), 422, "3.2")
+    assert rows(db, "SELECT id FROM clothes") == []
+
+
+def test_3_2_openapi_declares_401_and_403(client):
+    post = client.get("/openapi.json").json()["paths"]["/clothes/"]["post"]
+    assert {"201", "401", "403", "422"} <= set(post["responses"]), (
+        "3.2: declare the 401 and 403 answers, so Swagger and clients know them"
+    )
+
+
+# --- 4 Logging in -----------------------------------------------------------------
+
+def test_4_login_returns_a_working_token(client):
+    register(client)
+    response = client.post(
+        "/login", json={"email": "ada@example.com", "password": "correct horse"}
+    )
+    expect(response, 200, "4")
+    token = response.json()["token"]
+    expect(client.get("/clothes/", headers=bearer(token)), 200, "4: the login token works")
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [{"email": "ada@example.com", "password": "wrong horse"},
+     {"email": "nobody@example.com", "password": "correct horse"}],
+    ids=["wrong-password", "unknown-email"],
+)
+def test_4_bad_login_is_one_and_the_same_401(client, credentials):
+    register(client)
+    expect_401(client.post("/login", json=credentials), "Incorrect email or password.", "4")
+
+
+def test_4_unknown_email_still_checks_a_password(client, monkeypatch):
+    # Same work for an unknown email as for a wrong password: the timing tells nothing.
+    checks = []
+    real_verify = CryptContext.verify
+
+    def counting_verify(self, *args, **kwargs):
+        checks.append(1)
+        return real_verify(self, *args, **kwargs)
+
+    monkeypatch.setattr(CryptContext, "verify", counting_verify)
+    client.post("/login", json={"email": "nobody@example.com", "password": "correct horse"})
+    assert checks, "4: verify against a dummy hash when the email is unknown"
+
+
+def test_4_hashing_runs_off_the_event_loop(client, monkeypatch):
+    import asyncio
+
+    loops_seen = []
+    real_hash = CryptContext.hash
+
+    def recording_hash(self, *args, **kwargs):
+        try:
+            loops_seen.append(asyncio.get_running_loop())
+        except RuntimeError:
+            loops_seen.append(None)  # a worker thread: no event loop here
+        return real_hash(self, *args, **kwargs)
+
+    monkeypatch.setattr(CryptContext, "hash", recording_hash)
+    register(client)
+    assert loops_seen == [None], (
+        "Password hashing: run it in a thread, or every other request waits for it"
+    )
+
+
+def test_4_invalid_login_body_is_422(client):
+    expect(client.post("/login", json={"email": "ada@example.com"}), 422, "4")
+
+
+# --- 5 Making an admin ------------------------------------------------------------
+
+def test_5_create_user_makes_an_admin_who_can_add_clothes(app_dir, db):
+    # The real command line, as the README shows it, with the password piped in.
+    result = subprocess.run(
+        [sys.executable, "main.py", "create-user", "boss@example.com", "--role", "admin"],
+        cwd=app_dir, input="admin password\n", capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, f"5: create-user failed: {result.stderr}"
+    [user] = rows(db, "SELECT role FROM users WHERE email = 'boss@example.com'")
+    assert user["role"] == "admin"
+    with TestClient(load_app(app_dir).app) as client:
+        response = client.post(
+            "/login", json={"email": "boss@example.com", "password": "admin password"}
+        )
+        expect(response, 200, "5: the new admin logs in")
+        created = client.post("/clothes/", json=SHIRT, headers=bearer(response.json()["token"]))
+        expect(created, 201, "5: the new admin adds clothes")
+
+
+def run_command(app_dir, monkeypatch, *args, password="admin password"):
+    """What `python main.py ARGS` does, in this process: quicker than a subprocess."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(password + "\n"))
+    load_app(app_dir).main(list(args))
+
+
+def test_5_set_role_changes_an_existing_user(app_dir, db, monkeypatch, capsys):
+    with TestClient(load_app(app_dir).app) as client:
+        token = register(client)
+        run_command(app_dir, monkeypatch, "set-role", "ada@example.com", "super_admin")
+        assert "ada@example.com is now super_admin." in capsys.readouterr().out
+        expect(client.post("/clothes/", json=SHIRT, headers=bearer(token)), 201, "5")
+    [user] = rows(db, "SELECT role FROM users")
+    assert user["role"] == "super_admin"
+
+
+def test_5_set_role_of_an_unknown_email_fails_clearly(app_dir, monkeypatch):
+    with pytest.raises(SystemExit, match="No user with email nobody@example.com."):
+        run_command(app_dir, monkeypatch, "set-role", "nobody@example.com", "admin")
+
+
+def test_5_create_user_twice_fails_and_keeps_the_first(app_dir, db, monkeypatch):
+    run_command(app_dir, monkeypatch, "create-user", "boss@example.com", "--role", "admin")
+    with pytest.raises(SystemExit, match="boss@example.com is taken"):
+        run_command(app_dir, monkeypatch, "create-user", "boss@example.com", "--role", "user")
+    [user] = rows(db, "SELECT role FROM users")
+    assert user["role"] == "admin"
+
+
+def test_5_create_user_checks_the_password(app_dir, db, monkeypatch):
+    with pytest.raises(SystemExit, match="password"):
+        run_command(app_dir, monkeypatch, "create-user", "boss@example.com", password="short")
+    assert rows(db, "SELECT id FROM users") == []
+
+
+def test_5_unknown_role_is_refused(app_dir, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_command(app_dir, monkeypatch, "set-role", "ada@example.com", "owner")
+    assert stopped.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# --- Configuration ----------------------------------------------------------------
+
+def test_config_missing_secret_still_starts_with_a_warning(app_dir, monkeypatch, caplog):
+    monkeypatch.delenv("JWT_SECRET")
+    module = load_app(app_dir)
+    assert "JWT_SECRET is not set" in caplog.text, "Settings: warn that tokens die on restart"
+    with TestClient(module.app) as client:
+        token = register(client)
+        expect(client.get("/clothes/", headers=bearer(token)), 200, "Settings")
+
+
+def test_config_short_secret_stops_startup_with_advice(app_dir, monkeypatch):
+    monkeypatch.setenv("JWT_SECRET", "too-short")
+    with pytest.raises(SystemExit) as stopped:
+        load_app(app_dir)
+    assert "secrets.token_urlsafe" in str(stopped.value), (
+        "Settings: say how to make a good secret"
+    )
+
+
+def test_config_dot_env_beside_the_app_is_read(app_dir, monkeypatch):
+    env_secret = "the-secret-from-the-dot-env-file-0123456789"
+    (app_dir / ".env").write_text(f"JWT_SECRET={env_secret}\n")
+    monkeypatch.delenv("JWT_SECRET")
+    with TestClient(load_app(app_dir).app) as client:
+        token = register(client)
+    assert jwt.decode(token, env_secret, algorithms=["HS256"])["sub"]
+
+
+def test_config_default_database_is_a_file_beside_the_app(app_dir, monkeypatch):
+    monkeypatch.delenv("DATABASE_URL")
+    with TestClient(load_app(app_dir).app) as client:
+        register(client)
+    assert (app_dir / "clothes.db").exists(), "Settings: default to clothes.db beside main.py"
+
+
+def test_config_bcrypt_rounds_sets_the_hashing_cost(client, db):
+    register(client)
+    [user] = rows(db, "SELECT password FROM users")
+    assert user["password"].startswith("$2b$04$"), "Settings: BCRYPT_ROUNDS=4 gives $2b$04$"
+
+
+@pytest.mark.skipif(not CHECKING_OUR_APP, reason="checks our .env.example")
+def test_config_env_example_lists_every_setting():
+    read_by_app = set(re.findall(r'config\(\s*"(\w+)"', APP_FILE.read_text()))
+    example = (HERE / ".env.example").read_text()
+    listed = set(re.findall(r"^#? ?(\w+)=", example, flags=re.MULTILINE))
+    assert read_by_app == listed, f"the app reads {read_by_app}, .env.example lists {listed}"
+
+
+# --- lesson.md is kept equal to main.py ---------------------------------------------
+
+BANNER = re.compile(r"^# --- (.+) ---$", flags=re.MULTILINE)
+# <!-- main.py: SECTION --> right above a python block that holds that section.
+QUOTE = re.compile(
+    r"^<!-- main\.py: (.+?) -->\n```python\n(.*?)^```$", flags=re.MULTILINE | re.DOTALL
+)
+K_OPTION = re.compile(r"pytest -k (\"[^\"]+\"|'[^']+'|\S+)")
+needs_our_files = pytest.mark.skipif(not CHECKING_OUR_APP, reason="lesson.md quotes our main.py")
+
+
+def main_sections():
+    """{section name: its text}, a section running from its banner to the next one."""
+    text = (HERE / "main.py").read_text()
+    banners = list(BANNER.finditer(text))
+    ends = [banner.start() for banner in banners[1:]] + [len(text)]
+    return {
+        banner[1]: text[banner.start():end].rstrip() + "\n"
+        for banner, end in zip(banners, ends)
+    }
+
+
+@needs_our_files
+def test_lesson_quotes_main_py_exactly():
+    sections = main_sections()
+    quotes = QUOTE.findall((HERE / "lesson.md").read_text())
+    unknown = [name for name, _ in quotes if name not in sections]
+    assert not unknown, f"lesson.md quotes sections main.py does not have: {unknown}"
+    differ = [name for name, code in quotes if code != sections[name]]
+    assert not differ, f"lesson.md's copy differs from main.py in: {differ}"
+    unquoted = sorted(set(sections) - {name for name, _ in quotes})
+    assert not unquoted, f"sections of main.py that lesson.md never quotes: {unquoted}"
+
+
+@needs_our_files
+def test_lesson_pytest_commands_select_tests():
+    # The lesson's -k expressions are test-name prefixes, joined by "or".
+    expressions = K_OPTION.findall((HERE / "lesson.md").read_text())
+    assert expressions, "lesson.md should show how to run each checkpoint"
+    test_names = [name for name in globals() if name.startswith("test_")]
+    selecting_nothing = [
+        expression
+        for expression in expressions
+        for word in expression.strip("\"'").split(" or ")
+        if not any(word in name for name in test_names)
+    ]
+    assert not selecting_nothing, f"`pytest -k` in lesson.md that select no test: {selecting_nothing}"
