@@ -358,6 +358,20 @@ def test_3_1_role_defaults_to_user_in_the_database(client, db):
     assert user["role"] == "user", "3.1: the role column needs server_default 'user'"
 
 
+def test_3_1_restart_keeps_users_and_their_tokens(app_dir, db):
+    # Starting again runs create_all on a full database: it must leave the data alone.
+    with TestClient(load_app(app_dir).app) as client:
+        token = register(client)
+        set_role(db, "ada@example.com", "admin")
+        expect(client.post("/clothes/", json=SHIRT, headers=bearer(token)), 201, "3.1")
+    with TestClient(load_app(app_dir).app) as client:
+        response = client.get("/clothes/", headers=bearer(token))
+        expect(response, 200, "3.1: a token from before the restart still works")
+        assert [item["name"] for item in response.json()] == ["Linen shirt"]
+        expect(client.post("/clothes/", json=SHIRT, headers=bearer(token)), 201, "3.1")
+    assert len(rows(db, "SELECT id FROM users")) == 1
+
+
 def test_3_1_roles_are_super_admin_admin_user(client, db):
     for role in ("super_admin", "admin", "user"):
         email = f"{role}@example.com"
