@@ -300,7 +300,7 @@ async def create_user(user: UserSignIn):
 USER_ID_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
 
 
-def token_error(detail: str) -> HTTPException:
+def unauthorized(detail: str) -> HTTPException:
     # 401 means "who are you?"; the header tells the client to send a Bearer token.
     return HTTPException(
         status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"}
@@ -320,17 +320,17 @@ class CustomHTTPBearer(HTTPBearer):
             )
         # ExpiredSignatureError is a kind of InvalidTokenError, so it comes first.
         except jwt.ExpiredSignatureError:
-            raise token_error("Token expired.")
+            raise unauthorized("Token expired.")
         except jwt.InvalidTokenError:
-            raise token_error("Invalid token.")
+            raise unauthorized("Invalid token.")
         if not USER_ID_PATTERN.fullmatch(payload["sub"]):
-            raise token_error("Invalid token.")
+            raise unauthorized("Invalid token.")
         user = await database.fetch_one(
             users.select().where(users.c.id == int(payload["sub"]))
         )
         # The user may have been deleted since the token was issued.
         if user is None:
-            raise token_error("Invalid token.")
+            raise unauthorized("Invalid token.")
         request.state.user = user
         return payload
 
@@ -406,11 +406,7 @@ async def login(credentials: UserLogin):
             pwd_context.verify, credentials.password, user["password"]
         )
     if not password_ok:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "Incorrect email or password.",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unauthorized("Incorrect email or password.")
     return {"token": create_access_token(user["id"])}
 
 
