@@ -312,6 +312,14 @@ def test_2_1_token_of_a_deleted_user_is_401_invalid_token(client, db):
     expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
 
 
+def test_2_1_token_of_a_deleted_user_never_passes_to_a_new_user(client, db):
+    register(client, email="first@example.com")
+    token = register(client, email="leaver@example.com")
+    run_sql(db, "DELETE FROM users WHERE email = 'leaver@example.com'")
+    register(client, email="newcomer@example.com")  # must not get the leaver's id
+    expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
+
+
 def test_2_1_openapi_declares_the_bearer_scheme(client):
     schema = client.get("/openapi.json").json()
     assert schema["components"]["securitySchemes"] == {
@@ -400,15 +408,19 @@ def test_3_2_no_token_on_post_is_401_not_403(client):
 
 @pytest.mark.parametrize("role", ["admin", "super_admin"])
 def test_3_2_admins_add_clothes(client, db, role):
-    # Other users first, so a user id never equals the new clothes id by luck.
+    # Other users and clothes first, so no id matches another table's by luck.
     register(client, email="first@example.com")
     register(client, email="second@example.com")
     token = register(client)
     set_role(db, "ada@example.com", role)
+    run_sql(
+        db,
+        "INSERT INTO clothes (name, color, size, photo_url) VALUES ('Scarf', 'pink', 'xl', 'u')",
+    )
     response = client.post("/clothes/", json=SHIRT, headers=bearer(token))
     expect(response, 201, "3.2")
     body = response.json()
-    [row] = rows(db, "SELECT id, name FROM clothes")
+    [row] = rows(db, "SELECT id, name FROM clothes WHERE name = 'Linen shirt'")
     assert body["id"] == row["id"] and body["name"] == "Linen shirt", (
         "3.2: return the new clothes row (read it back with clothes.c.id, not users.c.id)"
     )
@@ -563,8 +575,9 @@ def test_5_create_user_twice_fails_and_keeps_the_first(app_dir, db, monkeypatch)
 
 
 def test_5_create_user_checks_the_password(app_dir, db, monkeypatch):
-    with pytest.raises(SystemExit, match="password"):
-        run_command(app_dir, monkeypatch, "create-user", "boss@example.com", password="short")
+    with pytest.raises(SystemExit, match="password") as stopped:
+        run_command(app_dir, monkeypatch, "create-user", "boss@example.com", password="shrt")
+    assert "shrt" not in str(stopped.value), "5: never show the password on screen"
     assert rows(db, "SELECT id FROM users") == []
 
 
@@ -631,7 +644,7 @@ BANNER = re.compile(r"^# --- (.+) ---$", flags=re.MULTILINE)
 QUOTE = re.compile(
     r"^<!-- main\.py: (.+?) -->\n```python\n(.*?)^```$", flags=re.MULTILINE | re.DOTALL
 )
-K_OPTION = re.compile(r"pytest -k (\"[^\"]+\"|'[^']+'|\S+)")
+K_OPTION = re.compile(r"pytest -k (\"[^\"]+\"|'[^']+'|\w+)")
 needs_our_files = pytest.mark.skipif(not CHECKING_OUR_APP, reason="lesson.md quotes our main.py")
 
 
