@@ -148,8 +148,13 @@ clothes = sqlalchemy.Table(
     ),
 )
 
-# Each database driver raises its own error when the email is taken already.
-DUPLICATE_KEY_ERRORS = (sqlite3.IntegrityError, asyncpg.UniqueViolationError)
+
+def is_email_taken(error: Exception) -> bool:
+    """Did the insert fail because the email is taken? Each driver reports it its own way."""
+    if isinstance(error, sqlite3.IntegrityError):
+        # SQLite raises IntegrityError for every broken rule, NOT NULL included.
+        return error.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
+    return isinstance(error, asyncpg.UniqueViolationError)
 
 
 # --- Schemas ---
@@ -288,7 +293,9 @@ async def create_user(user: UserSignIn):
     values["password"] = await run_hashing(pwd_context.hash, user.password)
     try:
         id_ = await database.execute(users.insert().values(**values))
-    except DUPLICATE_KEY_ERRORS:
+    except Exception as error:
+        if not is_email_taken(error):
+            raise
         # The unique column decides, so two requests at once cannot both win.
         raise HTTPException(
             status.HTTP_409_CONFLICT, "A user with this email already exists."
