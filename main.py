@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Annotated
 
 import asyncpg
 import databases
@@ -29,7 +30,14 @@ from decouple import AutoConfig
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import HTTPBearer
 from passlib.context import CryptContext
-from pydantic import BaseModel, EmailStr, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    EmailStr,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 
 # --- Settings ---
@@ -159,25 +167,26 @@ def is_email_taken(error: Exception) -> bool:
 
 # --- Schemas ---
 
+def fits_bcrypt(password: str) -> str:
+    # bcrypt refuses more than 72 bytes and NUL characters: a 422 here, not a 500 later.
+    if len(password.encode()) > 72:
+        raise ValueError("password must be at most 72 bytes")
+    if "\x00" in password:
+        raise ValueError("password must not contain NUL characters")
+    return password
+
+
 class UserSignIn(BaseModel):
     # The limits match the columns, so a long value is a 422, not a database error.
     email: EmailStr = Field(max_length=120)
-    password: str = Field(min_length=8)
+    password: Annotated[str, Field(min_length=8), AfterValidator(fits_bcrypt)]
     full_name: str = Field(min_length=1, max_length=200)
     phone: str | None = Field(default=None, max_length=13)
-
-    # bcrypt reads only the first 72 bytes; refuse more rather than ignore them.
-    @field_validator("password")
-    @classmethod
-    def password_fits_bcrypt(cls, password: str) -> str:
-        if len(password.encode()) > 72:
-            raise ValueError("password must be at most 72 bytes")
-        return password
 
 
 class UserLogin(BaseModel):
     email: EmailStr
-    password: str
+    password: Annotated[str, AfterValidator(fits_bcrypt)]
 
 
 class TokenOut(BaseModel):
@@ -270,6 +279,13 @@ NOT_AUTHENTICATED = {
         "description": "No token, or a token that is expired or invalid",
     }
 }
+# FastAPI answers 400 to a body it cannot even decode (not UTF-8, say).
+BAD_BODY = {
+    status.HTTP_400_BAD_REQUEST: {
+        "model": ErrorOut,
+        "description": "A body that cannot be read as JSON text",
+    }
+}
 NOT_ALLOWED = {
     status.HTTP_403_FORBIDDEN: {
         "model": ErrorOut,
@@ -284,7 +300,10 @@ NOT_ALLOWED = {
     "/register",
     status_code=status.HTTP_201_CREATED,
     response_model=TokenOut,
-    responses={status.HTTP_409_CONFLICT: {"model": ErrorOut, "description": "Email taken"}},
+    responses={
+        **BAD_BODY,
+        status.HTTP_409_CONFLICT: {"model": ErrorOut, "description": "Email taken"},
+    },
     tags=["1 · JWT"],
     summary="1.3 Register a user and get a token",
 )
@@ -318,6 +337,9 @@ def unauthorized(detail: str) -> HTTPException:
 
 class CustomHTTPBearer(HTTPBearer):
     async def __call__(self, request: Request) -> dict:
+        # With two Authorization headers, which one counts depends on who reads them.
+        if len(request.headers.getlist("Authorization")) > 1:
+            raise unauthorized("Send one Authorization header.")
         # The base class answers 401 "Not authenticated" when there is no Bearer token.
         res = await super().__call__(request)
         try:
@@ -380,7 +402,7 @@ async def is_admin(request: Request):
     response_model=ClothesOut,
     # Order matters: first who you are (401), then what you may do (403).
     dependencies=[Depends(oauth2_scheme), Depends(is_admin)],
-    responses={**NOT_AUTHENTICATED, **NOT_ALLOWED},
+    responses={**BAD_BODY, **NOT_AUTHENTICATED, **NOT_ALLOWED},
     tags=["3 · Authorization"],
     summary="3.2 Add clothes (admin and super_admin only)",
 )
@@ -395,6 +417,7 @@ async def create_clothes(clothes_data: ClothesIn):
     "/login",
     response_model=TokenOut,
     responses={
+        **BAD_BODY,
         status.HTTP_401_UNAUTHORIZED: {
             "model": ErrorOut,
             "description": "Unknown email or wrong password",

@@ -273,12 +273,14 @@ def test_1_3_only_a_taken_email_is_409(app_dir, db):
         {"email": None},
         {"password": "short"},
         {"password": "é" * 37},  # 74 bytes: bcrypt would silently drop the end
+        {"password": "pass\x00word"},  # bcrypt refuses NUL characters
         {"phone": "1" * 14},  # longer than the column
         {"full_name": "x" * 201},
         {"full_name": ""},
         {"email": ("a" * 110) + "@example.com"},  # longer than the column
     ],
-    ids=["bad-email", "no-email", "short-password", "74-byte-password", "long-phone",
+    ids=["bad-email", "no-email", "short-password", "74-byte-password", "nul-password",
+         "long-phone",
          "long-name", "empty-name", "long-email"],
 )
 def test_1_3_invalid_registration_is_422_and_stores_nothing(client, db, change):
@@ -340,6 +342,21 @@ def test_2_1_expired_token_is_401_token_expired(client, db):
 def test_2_1_bad_token_is_401_invalid_token(client, token):
     register(client)  # user 1 exists, so only the token can be at fault
     expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
+
+
+def test_2_1_two_authorization_headers_are_refused(client):
+    # Which of two headers counts depends on who reads them: accept neither.
+    token = register(client)
+    for headers in ([("Authorization", f"Bearer {token}"), ("Authorization", "Bearer junk")],
+                    [("Authorization", "Bearer junk"), ("Authorization", f"Bearer {token}")]):
+        response = client.get("/clothes/", headers=headers)
+        expect_401(response, "Send one Authorization header.", "2.1")
+
+
+def test_2_1_lower_case_bearer_is_accepted(client):
+    # RFC 7235: the scheme name is case-insensitive.
+    token = register(client)
+    expect(client.get("/clothes/", headers={"Authorization": f"bearer {token}"}), 200, "2.1")
 
 
 def test_2_1_integer_sub_is_401_invalid_token(client):
@@ -579,8 +596,17 @@ def test_4_hashing_runs_off_the_event_loop(client, monkeypatch):
     )
 
 
-def test_4_invalid_login_body_is_422(client):
-    expect(client.post("/login", json={"email": "ada@example.com"}), 422, "4")
+@pytest.mark.parametrize(
+    "body",
+    [{"email": "ada@example.com"},
+     {"email": "ada@example.com", "password": "x" * 100},
+     {"email": "ada@example.com", "password": "pass\x00word"}],
+    ids=["no-password", "100-byte-password", "nul-password"],
+)
+def test_4_invalid_login_body_is_422(client, body):
+    # A password bcrypt cannot take must be refused before it reaches bcrypt (a 500).
+    register(client)
+    expect(client.post("/login", json=body), 422, "4")
 
 
 # --- 5 Making an admin ------------------------------------------------------------
