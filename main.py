@@ -26,7 +26,7 @@ import asyncpg
 import databases
 import jwt
 import sqlalchemy
-from decouple import AutoConfig
+from decouple import Config, RepositoryEmpty, RepositoryEnv
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import HTTPBearer
 from passlib.context import CryptContext
@@ -44,9 +44,10 @@ from pydantic import (
 
 BASE_DIR = Path(__file__).resolve().parent
 
-# Read .env from beside this file, whichever directory uvicorn is started from.
-# Environment variables win over .env, so tests and servers can override it.
-config = AutoConfig(search_path=BASE_DIR)
+# Read the .env beside this file, if there is one, whichever folder uvicorn starts in
+# (never one from a parent folder). Environment variables win over .env.
+ENV_FILE = BASE_DIR / ".env"
+config = Config(RepositoryEnv(ENV_FILE) if ENV_FILE.exists() else RepositoryEmpty())
 
 DATABASE_URL = config("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'clothes.db'}")
 JWT_EXPIRES_MINUTES = config("JWT_EXPIRES_MINUTES", cast=int, default=120)

@@ -386,8 +386,9 @@ def test_2_1_openapi_declares_the_bearer_scheme(client):
         "CustomHTTPBearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     }, "2.1: Swagger's Authorize button comes from this security scheme"
     paths = schema["paths"]
-    assert paths["/clothes/"]["get"]["security"] == [{"CustomHTTPBearer": []}]
-    assert paths["/clothes/"]["post"]["security"] == [{"CustomHTTPBearer": []}]
+    assert paths["/clothes/"]["get"]["security"] == [{"CustomHTTPBearer": []}], (
+        "2.2: GET /clothes/ depends on oauth2_scheme"
+    )
     assert "security" not in paths["/register"]["post"], "1.3: register needs no token"
 
 
@@ -516,8 +517,10 @@ def test_3_2_invalid_clothes_are_422(client, db, change):
 
 
 def test_3_2_openapi_declares_401_and_403(client):
-    post = client.get("/openapi.json").json()["paths"]["/clothes/"]["post"]
-    assert {"201", "401", "403", "422"} <= set(post["responses"]), (
+    post = client.get("/openapi.json").json()["paths"]["/clothes/"].get("post")
+    assert post, "3.2: add the POST /clothes/ route"
+    assert post["security"] == [{"CustomHTTPBearer": []}], "3.2: POST needs the token too"
+    assert {"401", "403"} <= set(post["responses"]), (
         "3.2: declare the 401 and 403 answers, so Swagger and clients know them"
     )
 
@@ -723,6 +726,14 @@ def test_config_dot_env_beside_the_app_is_read(app_dir, monkeypatch):
     with TestClient(load_app(app_dir).app) as client:
         token = register(client)
     assert jwt.decode(token, env_secret, algorithms=["HS256"])["sub"]
+
+
+def test_config_dot_env_in_a_parent_folder_is_not_read(app_dir, monkeypatch, caplog):
+    # app_dir's parent could be any folder on your disk, another project's included.
+    (app_dir.parent / ".env").write_text("JWT_SECRET=short\n")
+    monkeypatch.delenv("JWT_SECRET")
+    load_app(app_dir)  # neither stops on the short secret nor uses it
+    assert "JWT_SECRET is not set" in caplog.text, "Settings: read only the .env beside main.py"
 
 
 def test_config_default_database_is_a_file_beside_the_app(app_dir, monkeypatch):
