@@ -101,6 +101,27 @@ metadata = sqlalchemy.MetaData()
 # A plain (not async) engine, for create_all and the admin command only.
 engine = sqlalchemy.create_engine(DATABASE_URL)
 
+
+def timestamp_columns() -> list[sqlalchemy.Column]:
+    # A column belongs to one table, so every table gets a fresh pair.
+    # timezone=True: PostgreSQL keeps the offset; SQLite's now() is UTC anyway.
+    return [
+        sqlalchemy.Column(
+            "created_at",
+            sqlalchemy.DateTime(timezone=True),
+            nullable=False,
+            server_default=sqlalchemy.func.now(),
+        ),
+        sqlalchemy.Column(
+            "last_modified_at",
+            sqlalchemy.DateTime(timezone=True),
+            nullable=False,
+            server_default=sqlalchemy.func.now(),
+            onupdate=sqlalchemy.func.now(),
+        ),
+    ]
+
+
 users = sqlalchemy.Table(
     "users",
     metadata,
@@ -109,20 +130,7 @@ users = sqlalchemy.Table(
     sqlalchemy.Column("password", sqlalchemy.String(255), nullable=False),
     sqlalchemy.Column("full_name", sqlalchemy.String(200)),
     sqlalchemy.Column("phone", sqlalchemy.String(13)),
-    # timezone=True: PostgreSQL keeps the offset; SQLite's now() is UTC anyway.
-    sqlalchemy.Column(
-        "created_at",
-        sqlalchemy.DateTime(timezone=True),
-        nullable=False,
-        server_default=sqlalchemy.func.now(),
-    ),
-    sqlalchemy.Column(
-        "last_modified_at",
-        sqlalchemy.DateTime(timezone=True),
-        nullable=False,
-        server_default=sqlalchemy.func.now(),
-        onupdate=sqlalchemy.func.now(),
-    ),
+    *timestamp_columns(),
     # The database fills in "user", so nobody becomes an admin by accident.
     sqlalchemy.Column(
         "role",
@@ -142,19 +150,7 @@ clothes = sqlalchemy.Table(
     sqlalchemy.Column("color", sqlalchemy.Enum(ColorEnum), nullable=False),
     sqlalchemy.Column("size", sqlalchemy.Enum(SizeEnum), nullable=False),
     sqlalchemy.Column("photo_url", sqlalchemy.String(255), nullable=False),
-    sqlalchemy.Column(
-        "created_at",
-        sqlalchemy.DateTime(timezone=True),
-        nullable=False,
-        server_default=sqlalchemy.func.now(),
-    ),
-    sqlalchemy.Column(
-        "last_modified_at",
-        sqlalchemy.DateTime(timezone=True),
-        nullable=False,
-        server_default=sqlalchemy.func.now(),
-        onupdate=sqlalchemy.func.now(),
-    ),
+    *timestamp_columns(),
 )
 
 
