@@ -55,7 +55,8 @@ def database_url(request, tmp_path):
         connection.execute(sqlalchemy.text("CREATE SCHEMA public"))
         # A server far from UTC, so a timestamp without its offset shows up as wrong.
         database = connection.execute(sqlalchemy.text("SELECT current_database()")).scalar()
-        connection.execute(sqlalchemy.text(f'ALTER DATABASE "{database}" SET timezone = \'Asia/Tokyo\''))
+        tokyo = f"ALTER DATABASE \"{database}\" SET timezone = 'Asia/Tokyo'"
+        connection.execute(sqlalchemy.text(tokyo))
     engine.dispose()
     return url
 
@@ -150,6 +151,7 @@ def in_one_hour():
     return datetime.now(timezone.utc) + timedelta(hours=1)
 
 
+RFC_3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 SHIRT = {"name": "Linen shirt", "photo_url": "https://example.com/shirt.jpg",
          "size": "m", "color": "white"}
 
@@ -482,7 +484,7 @@ def test_3_2_admins_add_clothes(client, db, role):
     )
     assert {key: body[key] for key in SHIRT} == SHIRT
     for key in ("created_at", "last_modified_at"):
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", body[key]), (
+        assert RFC_3339.fullmatch(body[key]), (
             f"3.2: {key} should be an RFC 3339 time with its offset, got {body[key]!r}"
         )
         moment = datetime.fromisoformat(body[key])
@@ -803,4 +805,6 @@ def test_lesson_pytest_commands_select_tests():
         for word in expression.strip("\"'").split(" or ")
         if not any(word in name for name in test_names)
     ]
-    assert not selecting_nothing, f"`pytest -k` in lesson.md that select no test: {selecting_nothing}"
+    assert not selecting_nothing, (
+        f"`pytest -k` commands in lesson.md that select no test: {selecting_nothing}"
+    )
