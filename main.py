@@ -426,7 +426,7 @@ async def create_clothes(clothes_data: ClothesIn):
             "description": "Unknown email or wrong password",
         }
     },
-    tags=["1 · JWT"],
+    tags=["4 · Logging in"],
     summary="4 Log in with email and password and get a token",
 )
 async def login(credentials: UserLogin):

@@ -782,6 +782,24 @@ def main_sections():
 
 
 @needs_our_files
+def test_lesson_swagger_groups_operations_by_lesson_part(client):
+    # Students spend section 2.2 in Swagger: it should read like the lesson.
+    schema = client.get("/openapi.json").json()
+    assert schema["info"]["title"] and schema["info"]["description"]
+    operations = {
+        f"{method.upper()} {path}": (operation["tags"], operation["summary"])
+        for path, methods in schema["paths"].items()
+        for method, operation in methods.items()
+    }
+    assert operations == {
+        "POST /register": (["1 · JWT"], "1.3 Register a user and get a token"),
+        "GET /clothes/": (["2 · Authentication"], "2.2 List clothes (any logged-in user)"),
+        "POST /clothes/": (["3 · Authorization"], "3.2 Add clothes (admin and super_admin only)"),
+        "POST /login": (["4 · Logging in"], "4 Log in with email and password and get a token"),
+    }
+
+
+@needs_our_files
 def test_lesson_quotes_main_py_exactly():
     sections = main_sections()
     quotes = QUOTE.findall((HERE / "lesson.md").read_text())
