@@ -25,6 +25,7 @@ from typing import Annotated
 import asyncpg
 import databases
 import jwt
+import psycopg
 import sqlalchemy
 from decouple import Config, RepositoryEmpty, RepositoryEnv
 from fastapi import Depends, FastAPI, HTTPException, Request, status
@@ -159,7 +160,8 @@ def is_email_taken(error: Exception) -> bool:
     if isinstance(error, sqlite3.IntegrityError):
         # SQLite raises IntegrityError for every broken rule, NOT NULL included.
         return error.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
-    return isinstance(error, asyncpg.UniqueViolationError)
+    # PostgreSQL: asyncpg for the app's queries, psycopg for the admin command.
+    return isinstance(error, (asyncpg.UniqueViolationError, psycopg.errors.UniqueViolation))
 
 
 # --- Schemas ---
@@ -471,7 +473,10 @@ def create_user_command(connection, args) -> str:
     values["role"] = UserRolesEnum[args.role]
     try:
         connection.execute(users.insert().values(**values))
-    except sqlalchemy.exc.IntegrityError:
+    except sqlalchemy.exc.IntegrityError as error:
+        # SQLAlchemy wraps the driver's error: the same check as in 1.3.
+        if not is_email_taken(error.orig):
+            raise
         raise SystemExit(f"Not created: {user.email} is taken. Use set-role instead.")
     return f"Created {user.email} with role {args.role}."
 

@@ -663,6 +663,17 @@ def test_5_create_user_twice_fails_and_keeps_the_first(app_dir, db, monkeypatch)
     assert user["role"] == "admin"
 
 
+def test_5_create_user_reports_other_database_errors_as_they_are(app_dir, db, monkeypatch):
+    # As in 1.3: only a taken email is "taken"; any other broken rule shows itself.
+    if db.dialect.name != "sqlite":
+        pytest.skip("uses a SQLite trigger")
+    run_command(app_dir, monkeypatch, "create-user", "first@example.com")
+    run_sql(db, "CREATE TRIGGER refuse BEFORE INSERT ON users "
+                "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END")
+    with pytest.raises(sqlalchemy.exc.IntegrityError, match="the disk is full"):
+        run_command(app_dir, monkeypatch, "create-user", "boss@example.com")
+
+
 def test_5_create_user_checks_the_password(app_dir, db, monkeypatch):
     with pytest.raises(SystemExit, match="password") as stopped:
         run_command(app_dir, monkeypatch, "create-user", "boss@example.com", password="shrt")
