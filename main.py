@@ -1,47 +1,56 @@
 """FastAPI REST - Part 4: JWT authentication and role-based authorization.
 
-The whole app in one file, in the order of lesson.md. Each part opens with a
-banner comment naming its lesson section; lesson.md quotes those parts.
+The whole app in one file. It reads top to bottom in the order of lesson.md:
+first the app as part 3 left it (the blocks marked 0), then one block for each
+lesson section. A section that adds a line inside earlier code (an import, the
+role column) marks that line with its number: `import jwt  # 1.2`.
+`python steps.py 2.1` prints this file as it stands at the end of section 2.1.
 """
 
-# --- Imports ---
+# --- 0 Imports ---
 
-import argparse
-import asyncio
+import argparse  # 5
+import asyncio  # 1.3
 import enum
-import getpass
-import logging
-import os
-import re
-import secrets
-import sqlite3
-import sys
-from concurrent.futures import ThreadPoolExecutor
+import getpass  # 5
+import logging  # 1.2
+import os  # 1.3
+import re  # 2.1
+import secrets  # 1.2
+import sqlite3  # 1.3
+import sys  # 5
+from concurrent.futures import ThreadPoolExecutor  # 1.3
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import datetime  # 1.2
+from datetime import timedelta  # 1.2
+from datetime import timezone  # 1.2
 from pathlib import Path
 from typing import Annotated
 
-import asyncpg
+import asyncpg  # 1.3
 import databases
-import jwt
-import psycopg
+import jwt  # 1.2
+import psycopg  # 1.3
 import sqlalchemy
-from decouple import Config, RepositoryEmpty, RepositoryEnv
-from fastapi import Depends, FastAPI, HTTPException, Request, status
-from fastapi.security import HTTPBearer
+from decouple import Config
+from decouple import RepositoryEmpty
+from decouple import RepositoryEnv
+from fastapi import Depends  # 2.2
+from fastapi import FastAPI
+from fastapi import HTTPException  # 1.3
+from fastapi import Request  # 2.1
+from fastapi import status  # 1.3
+from fastapi.security import HTTPBearer  # 2.1
 from passlib.context import CryptContext
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    EmailStr,
-    Field,
-    ValidationError,
-    field_validator,
-)
+from pydantic import AfterValidator
+from pydantic import BaseModel
+from pydantic import EmailStr
+from pydantic import Field
+from pydantic import ValidationError  # 5
+from pydantic import field_validator  # 2.2
 
 
-# --- Settings ---
+# --- 0 Settings ---
 
 BASE_DIR = Path(__file__).resolve().parent
 
@@ -51,27 +60,11 @@ ENV_FILE = BASE_DIR / ".env"
 config = Config(RepositoryEnv(ENV_FILE) if ENV_FILE.exists() else RepositoryEmpty())
 
 DATABASE_URL = config("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'clothes.db'}")
-JWT_EXPIRES_MINUTES = config("JWT_EXPIRES_MINUTES", cast=int, default=120)
 BCRYPT_ROUNDS = config("BCRYPT_ROUNDS", cast=int, default=12)
-JWT_SECRET = config("JWT_SECRET", default="")
-
-if not JWT_SECRET:
-    # A fresh clone must run, but a secret made up now dies with the process.
-    JWT_SECRET = secrets.token_urlsafe(32)
-    logging.getLogger(__name__).warning(
-        "JWT_SECRET is not set: using a random secret for this process only, "
-        "so every token stops working when the server restarts. "
-        "Copy .env.example to .env and set JWT_SECRET there."
-    )
-elif len(JWT_SECRET.encode()) < 32:
-    # HS256 needs a key of at least 256 bits (RFC 7518, section 3.2).
-    raise SystemExit(
-        "JWT_SECRET is too short: use at least 32 bytes. Make one with\n"
-        '    python -c "import secrets; print(secrets.token_urlsafe(32))"'
-    )
 
 
-# --- Enums (3.1 adds UserRolesEnum) ---
+# --- 0 Enums ---
+
 
 class ColorEnum(enum.Enum):
     pink = "pink"
@@ -89,13 +82,13 @@ class SizeEnum(enum.Enum):
     xxl = "xxl"
 
 
-class UserRolesEnum(enum.Enum):
+class UserRolesEnum(enum.Enum):  # 3.1
     super_admin = "super_admin"
     admin = "admin"
     user = "user"
 
 
-# --- Tables (3.1 adds the role column) ---
+# --- 0 Tables ---
 
 database = databases.Database(DATABASE_URL)
 metadata = sqlalchemy.MetaData()
@@ -132,8 +125,8 @@ users = sqlalchemy.Table(
     sqlalchemy.Column("full_name", sqlalchemy.String(200)),
     sqlalchemy.Column("phone", sqlalchemy.String(13)),
     *timestamp_columns(),
-    # The database fills in "user", so nobody becomes an admin by accident.
-    sqlalchemy.Column(
+    sqlalchemy.Column(  # 3.1
+        # The database fills in "user", so nobody becomes an admin by accident.
         "role",
         sqlalchemy.Enum(UserRolesEnum, name="user_role"),
         nullable=False,
@@ -155,16 +148,8 @@ clothes = sqlalchemy.Table(
 )
 
 
-def is_email_taken(error: Exception) -> bool:
-    """Did the insert fail because the email is taken? Each driver reports it its own way."""
-    if isinstance(error, sqlite3.IntegrityError):
-        # SQLite raises IntegrityError for every broken rule, NOT NULL included.
-        return error.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
-    # PostgreSQL: asyncpg for the app's queries, psycopg for the admin command.
-    return isinstance(error, (asyncpg.UniqueViolationError, psycopg.errors.UniqueViolation))
+# --- 0 Schemas ---
 
-
-# --- Schemas ---
 
 def fits_bcrypt(password: str) -> str:
     # bcrypt refuses more than 72 bytes and NUL characters: a 422 here, not a 500 later.
@@ -183,82 +168,17 @@ class UserSignIn(BaseModel):
     phone: str | None = Field(default=None, max_length=13)
 
 
-class UserLogin(BaseModel):
-    email: EmailStr
-    password: Annotated[str, AfterValidator(fits_bcrypt)]
-
-
-class TokenOut(BaseModel):
-    token: str
-
-
-class ErrorOut(BaseModel):
-    detail: str
-
-
-class ClothesBase(BaseModel):
-    name: str = Field(min_length=1, max_length=120)
-    photo_url: str = Field(max_length=255)
-    size: SizeEnum
-    color: ColorEnum
-
-
-class ClothesIn(ClothesBase):
-    pass
-
-
-class ClothesOut(ClothesBase):
-    id: int
-    created_at: datetime
-    last_modified_at: datetime
-
-    # SQLite returns its UTC timestamps without an offset: attach it, so
-    # clients get "2026-11-28T15:00:00Z", never a time they must guess about.
-    @field_validator("created_at", "last_modified_at")
-    @classmethod
-    def in_utc(cls, moment: datetime) -> datetime:
-        if moment.tzinfo is None:
-            return moment.replace(tzinfo=timezone.utc)
-        return moment.astimezone(timezone.utc)
-
-
-# --- Password hashing ---
+# --- 0 Password hashing ---
 
 pwd_context = CryptContext(schemes=["bcrypt"], bcrypt__rounds=BCRYPT_ROUNDS)
 
-# A hash takes a few tenths of a second on purpose, so it runs in worker threads,
-# never on the event loop. One thread per core hashes as fast as the machine can;
-# at the lowest priority (nice 19) they still let the event loop's thread answer
-# every other request first. (On Linux nice is per thread; Windows has no nice.)
-def lower_priority() -> None:
-    if hasattr(os, "nice"):
-        os.nice(19)
 
+# --- 0 App ---
 
-hashing_pool = ThreadPoolExecutor(max_workers=os.cpu_count(), initializer=lower_priority)
-
-
-async def run_hashing(function, *args):
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(hashing_pool, function, *args)
-
-
-# --- 1.2 Encode token ---
-
-def create_access_token(user_id: int) -> str:
-    # PyJWT 2.10+ insists that "sub" is a string, so the id goes in as text.
-    payload = {
-        "sub": str(user_id),
-        "exp": datetime.now(timezone.utc) + timedelta(minutes=JWT_EXPIRES_MINUTES),
-    }
-    return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
-
-
-# --- App ---
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    # create_all adds missing tables, never missing columns: see lesson.md, section 6.
+    # create_all adds missing tables, never missing columns: see the migrations appendix.
     metadata.create_all(engine)
     await database.connect()
     yield
@@ -278,12 +198,72 @@ app = FastAPI(
     lifespan=lifespan,
 )
 
-NOT_AUTHENTICATED = {
-    status.HTTP_401_UNAUTHORIZED: {
-        "model": ErrorOut,
-        "description": "No token, or a token that is expired or invalid",
+
+# --- 1.2 Encode a token ---
+
+JWT_SECRET = config("JWT_SECRET", default="")
+JWT_EXPIRES_MINUTES = config("JWT_EXPIRES_MINUTES", cast=int, default=120)
+
+if not JWT_SECRET:
+    # A fresh clone must run, but a secret made up now dies with the process.
+    JWT_SECRET = secrets.token_urlsafe(32)
+    logging.getLogger(__name__).warning(
+        "JWT_SECRET is not set: using a random secret for this process only, "
+        "so every token stops working when the server restarts. "
+        "Copy .env.example to .env and set JWT_SECRET there."
+    )
+elif len(JWT_SECRET.encode()) < 32:
+    # HS256 needs a key of at least 256 bits (RFC 7518, section 3.2).
+    raise SystemExit(
+        "JWT_SECRET is too short: use at least 32 bytes. Make one with\n"
+        '    python -c "import secrets; print(secrets.token_urlsafe(32))"'
+    )
+
+
+def create_access_token(user_id: int) -> str:
+    # PyJWT 2.10+ insists that "sub" is a string, so the id goes in as text.
+    payload = {
+        "sub": str(user_id),
+        "exp": datetime.now(timezone.utc) + timedelta(minutes=JWT_EXPIRES_MINUTES),
     }
-}
+    return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
+
+
+# --- 1.3 Register returns a token ---
+
+
+# A hash takes a few tenths of a second on purpose, so it runs in worker threads,
+# never on the event loop. See the appendix on the hashing pool.
+def lower_priority() -> None:
+    if hasattr(os, "nice"):
+        os.nice(19)
+
+
+hashing_pool = ThreadPoolExecutor(max_workers=os.cpu_count(), initializer=lower_priority)
+
+
+async def run_hashing(function, *args):
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(hashing_pool, function, *args)
+
+
+class TokenOut(BaseModel):
+    token: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def is_email_taken(error: Exception) -> bool:
+    """Did the insert fail because the email is taken? Each driver reports it its own way."""
+    if isinstance(error, sqlite3.IntegrityError):
+        # SQLite raises IntegrityError for every broken rule, NOT NULL included.
+        return error.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
+    # PostgreSQL: asyncpg for the app's queries, psycopg for the admin command.
+    return isinstance(error, (asyncpg.UniqueViolationError, psycopg.errors.UniqueViolation))
+
+
 # FastAPI answers 400 to a body it cannot even decode (not UTF-8, say).
 BAD_BODY = {
     status.HTTP_400_BAD_REQUEST: {
@@ -291,15 +271,7 @@ BAD_BODY = {
         "description": "A body that cannot be read as JSON text",
     }
 }
-NOT_ALLOWED = {
-    status.HTTP_403_FORBIDDEN: {
-        "model": ErrorOut,
-        "description": "A valid token, but the user's role may not do this",
-    }
-}
 
-
-# --- 1.3 Register returns a token ---
 
 @app.post(
     "/register",
@@ -321,13 +293,11 @@ async def create_user(user: UserSignIn):
         if not is_email_taken(error):
             raise
         # The unique column decides, so two requests at once cannot both win.
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, "A user with this email already exists."
-        )
+        raise HTTPException(status.HTTP_409_CONFLICT, "A user with this email already exists.")
     return {"token": create_access_token(id_)}
 
 
-# --- 2.1 Custom HTTPBearer class ---
+# --- 2.1 The custom HTTPBearer class ---
 
 # A user id we issued: a positive whole number that fits the id column.
 USER_ID_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
@@ -361,9 +331,7 @@ class CustomHTTPBearer(HTTPBearer):
             raise unauthorized("Invalid token.")
         if not USER_ID_PATTERN.fullmatch(payload["sub"]):
             raise unauthorized("Invalid token.")
-        user = await database.fetch_one(
-            users.select().where(users.c.id == int(payload["sub"]))
-        )
+        user = await database.fetch_one(users.select().where(users.c.id == int(payload["sub"])))
         # The user may have been deleted since the token was issued.
         if user is None:
             raise unauthorized("Invalid token.")
@@ -375,7 +343,38 @@ class CustomHTTPBearer(HTTPBearer):
 oauth2_scheme = CustomHTTPBearer(bearerFormat="JWT")
 
 
-# --- 2.2 Usage: protect GET /clothes/ ---
+# --- 2.2 Protect GET /clothes/ ---
+
+
+class ClothesBase(BaseModel):
+    name: str = Field(min_length=1, max_length=120)
+    photo_url: str = Field(max_length=255)
+    size: SizeEnum
+    color: ColorEnum
+
+
+class ClothesOut(ClothesBase):
+    id: int
+    created_at: datetime
+    last_modified_at: datetime
+
+    # SQLite returns its UTC timestamps without an offset: attach it, so
+    # clients get "2026-11-28T15:00:00Z", never a time they must guess about.
+    @field_validator("created_at", "last_modified_at")
+    @classmethod
+    def in_utc(cls, moment: datetime) -> datetime:
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc)
+
+
+NOT_AUTHENTICATED = {
+    status.HTTP_401_UNAUTHORIZED: {
+        "model": ErrorOut,
+        "description": "No token, or a token that is expired or invalid",
+    }
+}
+
 
 @app.get(
     "/clothes/",
@@ -389,24 +388,37 @@ async def get_all_clothes():
     return await database.fetch_all(clothes.select())
 
 
-# --- 3.2 Extend the dependencies: is_admin ---
+# --- 3.2 The is_admin dependency ---
 
-async def is_admin(request: Request):
-    # Runs after oauth2_scheme, which loaded the user fresh from the database,
-    # so a demoted admin is refused on the very next request.
-    user = request.state.user
-    if user["role"] not in (UserRolesEnum.admin, UserRolesEnum.super_admin):
+
+# is_admin depends on oauth2_scheme, so FastAPI always checks the token first:
+# no token is a 401 (who are you?), the wrong role a 403 (not allowed).
+async def is_admin(request: Request, payload: Annotated[dict, Depends(oauth2_scheme)]):
+    # oauth2_scheme loaded the user fresh from the database, so a demoted
+    # admin is refused on the very next request.
+    if request.state.user["role"] not in (UserRolesEnum.admin, UserRolesEnum.super_admin):
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "You do not have permissions for this resource"
         )
+
+
+class ClothesIn(ClothesBase):
+    pass
+
+
+NOT_ALLOWED = {
+    status.HTTP_403_FORBIDDEN: {
+        "model": ErrorOut,
+        "description": "A valid token, but the user's role may not do this",
+    }
+}
 
 
 @app.post(
     "/clothes/",
     status_code=status.HTTP_201_CREATED,
     response_model=ClothesOut,
-    # Order matters: first who you are (401), then what you may do (403).
-    dependencies=[Depends(oauth2_scheme), Depends(is_admin)],
+    dependencies=[Depends(is_admin)],
     responses={**BAD_BODY, **NOT_AUTHENTICATED, **NOT_ALLOWED},
     tags=["3 · Authorization"],
     summary="3.2 Add clothes (admin and super_admin only)",
@@ -418,6 +430,12 @@ async def create_clothes(clothes_data: ClothesIn):
 
 # --- 4 Logging in ---
 
+
+class UserLogin(BaseModel):
+    email: EmailStr
+    password: Annotated[str, AfterValidator(fits_bcrypt)]
+
+
 @app.post(
     "/login",
     response_model=TokenOut,
@@ -426,28 +444,25 @@ async def create_clothes(clothes_data: ClothesIn):
         status.HTTP_401_UNAUTHORIZED: {
             "model": ErrorOut,
             "description": "Unknown email or wrong password",
-        }
+        },
     },
     tags=["4 · Logging in"],
     summary="4 Log in with email and password and get a token",
 )
 async def login(credentials: UserLogin):
-    user = await database.fetch_one(
-        users.select().where(users.c.email == credentials.email)
-    )
+    user = await database.fetch_one(users.select().where(users.c.email == credentials.email))
     if user is None:
         # Hash anyway, so the response time does not tell which emails exist.
         password_ok = await run_hashing(pwd_context.dummy_verify)
     else:
-        password_ok = await run_hashing(
-            pwd_context.verify, credentials.password, user["password"]
-        )
+        password_ok = await run_hashing(pwd_context.verify, credentials.password, user["password"])
     if not password_ok:
         raise unauthorized("Incorrect email or password.")
     return {"token": create_access_token(user["id"])}
 
 
 # --- 5 Making an admin ---
+
 
 def read_password() -> str:
     # Typed at a prompt it stays out of the shell history; piped in, it suits scripts.
@@ -483,9 +498,7 @@ def create_user_command(connection, args) -> str:
 
 def set_role_command(connection, args) -> str:
     result = connection.execute(
-        users.update()
-        .where(users.c.email == args.email)
-        .values(role=UserRolesEnum[args.role])
+        users.update().where(users.c.email == args.email).values(role=UserRolesEnum[args.role])
     )
     if result.rowcount == 0:
         raise SystemExit(f"No user with email {args.email}.")

@@ -1,17 +1,19 @@
-"""Checkpoint tests for the lesson app, one group per lesson section.
+"""Checkpoint tests for the lesson app: one group per lesson section.
 
-    python -m pytest -W error            # every checkpoint, on our main.py
-    python -m pytest -k test_2_1         # one checkpoint
-    LESSON_APP=path/to/your_main.py python -m pytest -k test_2_1   # on your file
+    python -m pytest -W error                                 every checkpoint, on our main.py
+    python -m pytest -W error -k test_2_1                     one checkpoint
+    LESSON_APP=my_main.py python -m pytest -W error -k test_2_1     the same, on your file
 
-The tests talk to the app only through HTTP (TestClient) and to the database
-only through the DATABASE_URL they set, so they work on any file that follows
-the lesson. Each test gets a fresh copy of the app file in its own directory,
-so your own .env and database are never read or touched.
+A test's name starts with its section: test_2_1_... checks section 2.1, and a
+failure starts with the section to reread (conftest.py writes that line).
+The tests talk to the app through HTTP and to the database through the
+DATABASE_URL they set. Two sections add no route: the 1.2 tests call
+create_access_token, and the 2.1 tests put oauth2_scheme on a test route.
+Each test runs a fresh copy of the app file in a folder of its own, so your
+.env and your database are never read or touched.
 """
 
 import asyncio
-import importlib.util
 import io
 import os
 import re
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,14 +29,16 @@ from pathlib import Path
 import jwt
 import pytest
 import sqlalchemy
+from fastapi import Depends, Request
 from fastapi.testclient import TestClient
 from passlib.context import CryptContext
 
 HERE = Path(__file__).resolve().parent
 APP_FILE = Path(os.environ.get("LESSON_APP", HERE / "main.py")).resolve()
-CHECKING_OUR_APP = APP_FILE == HERE / "main.py"
 # 64 bytes, so PyJWT does not warn even when a test signs with HS512.
 SECRET = "a-test-secret-long-enough-for-hs256-and-even-for-hs512-0123456789"
+# PostgreSQL runs only where a database is given: see the README.
+DATABASES = ["sqlite", "postgresql"] if os.environ.get("TEST_DATABASE_URL") else ["sqlite"]
 
 # A deprecated API is a bug in a teaching app: every warning fails the test.
 pytestmark = pytest.mark.filterwarnings("error")
@@ -41,13 +46,12 @@ pytestmark = pytest.mark.filterwarnings("error")
 
 # --- Fixtures and helpers -------------------------------------------------------
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+
+@pytest.fixture(params=DATABASES)
 def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'test.db'}"
-    url = os.environ.get("TEST_DATABASE_URL")
-    if not url:
-        pytest.skip("PostgreSQL run: set TEST_DATABASE_URL=postgresql://... to include it")
+    url = os.environ["TEST_DATABASE_URL"]
     # Every test starts from an empty schema: no tables, no enum types.
     engine = sqlalchemy.create_engine(url)
     with engine.begin() as connection:
@@ -75,11 +79,15 @@ def app_dir(tmp_path, monkeypatch, database_url):
 
 
 def load_app(directory):
-    """Import directory/main.py as a new module, as uvicorn would."""
-    spec = importlib.util.spec_from_file_location("lesson_app", directory / "main.py")
-    module = importlib.util.module_from_spec(spec)
+    """Run directory/main.py as a new module, as uvicorn would import it.
+
+    Tracebacks name your own file and its line numbers, not the copy's.
+    """
+    module = types.ModuleType("lesson_app")
+    module.__file__ = str(directory / "main.py")
     sys.modules["lesson_app"] = module
-    spec.loader.exec_module(module)
+    code = compile((directory / "main.py").read_text(), str(APP_FILE), "exec")
+    exec(code, module.__dict__)
     return module
 
 
@@ -152,21 +160,86 @@ def in_one_hour():
 
 
 RFC_3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
-SHIRT = {"name": "Linen shirt", "photo_url": "https://example.com/shirt.jpg",
-         "size": "m", "color": "white"}
+SHIRT = {
+    "name": "Linen shirt",
+    "photo_url": "https://example.com/shirt.jpg",
+    "size": "m",
+    "color": "white",
+}
+BODY = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
 
 
-# --- 1.2 Encode token -------------------------------------------------------------
+# --- 0 The app as part 3 left it ---------------------------------------------------
 
-def test_1_2_token_is_hs256_with_string_sub_and_exp(client, db):
-    token = register(client)
+
+def test_0_startup_creates_both_tables(client, db):
+    tables = sqlalchemy.inspect(db).get_table_names()
+    assert {"users", "clothes"} <= set(tables), f"0: create both tables at startup, got {tables}"
+    columns = {column["name"] for column in sqlalchemy.inspect(db).get_columns("users")}
+    expected = {"id", "email", "password", "full_name", "phone", "created_at", "last_modified_at"}
+    assert expected <= columns, f"0: the users table needs {sorted(expected - columns)}"
+
+
+def test_0_restart_keeps_the_data(app_dir, db):
+    # Starting again runs create_all on a full database: it must leave the data alone.
+    with TestClient(load_app(app_dir).app):
+        run_sql(
+            db,
+            "INSERT INTO clothes (name, color, size, photo_url) "
+            "VALUES ('Scarf', 'pink', 'xl', 'u')",
+        )
+    with TestClient(load_app(app_dir).app):
+        assert len(rows(db, "SELECT id FROM clothes")) == 1, "0: a restart keeps every row"
+
+
+def test_0_default_database_is_a_file_beside_the_app(app_dir, monkeypatch):
+    monkeypatch.delenv("DATABASE_URL")
+    with TestClient(load_app(app_dir).app):
+        pass
+    assert (app_dir / "clothes.db").exists(), "0: default to clothes.db beside main.py"
+
+
+def test_0_dot_env_beside_the_app_is_read(app_dir, monkeypatch, tmp_path):
+    (app_dir / ".env").write_text(f"DATABASE_URL=sqlite:///{tmp_path / 'from-env.db'}\n")
+    monkeypatch.delenv("DATABASE_URL")
+    with TestClient(load_app(app_dir).app):
+        pass
+    assert (tmp_path / "from-env.db").exists(), "0: read the settings in the .env beside main.py"
+
+
+def test_0_dot_env_in_a_parent_folder_is_not_read(app_dir, monkeypatch, tmp_path):
+    # app_dir's parent could be any folder on your disk, another project's included.
+    (app_dir.parent / ".env").write_text(f"DATABASE_URL=sqlite:///{tmp_path / 'parent.db'}\n")
+    monkeypatch.delenv("DATABASE_URL")
+    with TestClient(load_app(app_dir).app):
+        pass
+    assert not (tmp_path / "parent.db").exists(), "0: read only the .env beside main.py"
+
+
+# --- 1.2 Encode a token ------------------------------------------------------------
+
+
+@pytest.fixture
+def app(app_dir):
+    return load_app(app_dir)
+
+
+def lifetime_of(token):
+    payload = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_sub": False})
+    return payload["exp"] - datetime.now(timezone.utc).timestamp()
+
+
+def test_1_2_token_is_hs256_with_string_sub_and_exp(app):
+    token = app.create_access_token(42)
     assert jwt.get_unverified_header(token)["alg"] == "HS256", "1.2: sign with HS256"
     # verify_sub off: an integer sub should fail the assert below, with its advice.
     payload = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_sub": False})
-    assert payload["sub"] == str(user_id(db, "ada@example.com")), (
-        "1.2: sub must be the user's id as a string (PyJWT 2.10+ rejects an integer)"
+    assert payload.get("sub") == "42", (
+        "1.2: sub must be the user's id as a string (PyJWT 2.10+ rejects an integer), "
+        f"got {payload.get('sub')!r}"
     )
-    lifetime = payload["exp"] - datetime.now(timezone.utc).timestamp()
+    assert "exp" in payload, "1.2: the token needs an exp (expiry) claim"
+    lifetime = lifetime_of(token)
     assert 120 * 60 - 60 < lifetime <= 120 * 60, (
         f"1.2: the token should expire in 120 minutes, it expires in {lifetime:.0f} s"
     )
@@ -174,10 +247,7 @@ def test_1_2_token_is_hs256_with_string_sub_and_exp(client, db):
 
 def test_1_2_token_lifetime_comes_from_jwt_expires_minutes(app_dir, monkeypatch):
     monkeypatch.setenv("JWT_EXPIRES_MINUTES", "5")
-    with TestClient(load_app(app_dir).app) as client:
-        token = register(client)
-    payload = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_sub": False})
-    lifetime = payload["exp"] - datetime.now(timezone.utc).timestamp()
+    lifetime = lifetime_of(load_app(app_dir).create_access_token(1))
     assert 5 * 60 - 60 < lifetime <= 5 * 60, (
         f"1.2: with JWT_EXPIRES_MINUTES=5 the token should live 5 minutes, not {lifetime:.0f} s"
     )
@@ -192,44 +262,97 @@ def server_far_from_utc(monkeypatch):
     time.tzset()
 
 
-def test_1_2_expiry_does_not_depend_on_the_server_timezone(server_far_from_utc, client):
-    token = register(client)
-    payload = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_sub": False})
-    lifetime = payload["exp"] - datetime.now(timezone.utc).timestamp()
+def test_1_2_expiry_does_not_depend_on_the_server_timezone(server_far_from_utc, app):
+    lifetime = lifetime_of(app.create_access_token(1))
     assert 120 * 60 - 60 < lifetime <= 120 * 60, (
         "1.2: compute exp from datetime.now(timezone.utc); on a server in UTC+14 "
         f"this token lives {lifetime:.0f} s"
     )
 
 
-# --- 1.3 Register returns a token -----------------------------------------------
+def test_1_2_no_utcnow():
+    # Python 3.12 deprecates it; on 3.11 only the source shows it.
+    assert not re.search(r"\butcnow\s*\(", APP_FILE.read_text()), (
+        "1.2: use datetime.now(timezone.utc), not datetime.utcnow(): utcnow is deprecated "
+        "and returns a time that does not say it is UTC"
+    )
 
-def test_1_3_register_answers_201_with_only_a_token(client):
-    body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
-    response = client.post("/register", json=body)
+
+def test_1_2_missing_secret_still_starts_with_a_warning(app_dir, monkeypatch, caplog):
+    monkeypatch.delenv("JWT_SECRET")
+    module = load_app(app_dir)
+    assert "JWT_SECRET is not set" in caplog.text, "1.2: warn that tokens die on restart"
+    assert module.create_access_token(1)
+
+
+def test_1_2_missing_secret_is_random_per_process(app_dir, monkeypatch):
+    # A made-up secret that anybody could read in main.py would be no secret.
+    monkeypatch.delenv("JWT_SECRET")
+    token = load_app(app_dir).create_access_token(1)
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, load_app(app_dir).JWT_SECRET, algorithms=["HS256"])
+
+
+def refused_start(app_dir):
+    """The SystemExit that stops the app from starting; a failure if nothing stops it."""
+    try:
+        load_app(app_dir)
+    except SystemExit as stopped:
+        return stopped
+    pytest.fail("1.2: a JWT_SECRET shorter than 32 bytes must stop the app", pytrace=False)
+
+
+@pytest.mark.parametrize("length", [31, 32])
+def test_1_2_secret_needs_32_bytes(app_dir, monkeypatch, length):
+    monkeypatch.setenv("JWT_SECRET", "s" * length)
+    if length < 32:
+        refused_start(app_dir)
+    else:
+        load_app(app_dir)  # no SystemExit: 32 bytes is enough
+
+
+def test_1_2_short_secret_stops_startup_with_advice(app_dir, monkeypatch):
+    monkeypatch.setenv("JWT_SECRET", "too-short")
+    stopped = refused_start(app_dir)
+    assert "secrets.token_urlsafe" in str(stopped), "1.2: say how to make a good secret"
+
+
+def test_1_2_dot_env_secret_is_read(app_dir, monkeypatch):
+    env_secret = "the-secret-from-the-dot-env-file-0123456789"
+    (app_dir / ".env").write_text(f"JWT_SECRET={env_secret}\n")
+    monkeypatch.delenv("JWT_SECRET")
+    token = load_app(app_dir).create_access_token(1)
+    assert jwt.decode(token, env_secret, algorithms=["HS256"])["sub"] == "1"
+
+
+# --- 1.3 Register returns a token ----------------------------------------------------
+
+
+def test_1_3_register_answers_201_with_only_a_token(client, db):
+    response = client.post("/register", json=BODY)
     expect(response, 201, "1.3")
     assert list(response.json()) == ["token"], (
         f"1.3: register returns {{'token': ...}} and nothing else, got {response.json()}"
     )
+    payload = jwt.decode(response.json()["token"], SECRET, algorithms=["HS256"])
+    assert payload["sub"] == str(user_id(db, "ada@example.com")), (
+        "1.3: the token is for the new user: create_access_token(the new id)"
+    )
 
 
-def test_1_3_register_stores_a_bcrypt_hash_and_the_user_role(client, db):
+def test_1_3_register_stores_a_bcrypt_hash(client, db):
     register(client, phone="+359888123456")
     [user] = rows(db, "SELECT * FROM users")
     assert (user["email"], user["full_name"], user["phone"]) == (
-        "ada@example.com", "Ada Lovelace", "+359888123456"
+        "ada@example.com",
+        "Ada Lovelace",
+        "+359888123456",
     ), "1.3: store what the user sent"
     assert user["password"] != "correct horse", "1.3: never store the password itself"
     assert CryptContext(schemes=["bcrypt"]).verify("correct horse", user["password"]), (
         "1.3: store a bcrypt hash of the password"
     )
-    assert user["role"] == "user", "3.1: a new user gets the role 'user'"
-
-
-def test_1_3_a_role_in_the_body_is_ignored(client, db):
-    register(client, role="super_admin")
-    [user] = rows(db, "SELECT role FROM users")
-    assert user["role"] == "user", "1.3: nobody may make themselves an admin by registering"
+    assert user["password"].startswith("$2b$04$"), "1.3: hash with BCRYPT_ROUNDS (4 in tests)"
 
 
 def test_1_3_same_email_twice_is_409_and_keeps_the_first_user(client, db):
@@ -258,8 +381,11 @@ def test_1_3_only_a_taken_email_is_409(app_dir, db):
     if db.dialect.name != "sqlite":
         pytest.skip("uses a SQLite trigger")
     with TestClient(load_app(app_dir).app, raise_server_exceptions=False) as client:
-        run_sql(db, "CREATE TRIGGER refuse BEFORE INSERT ON users "
-                    "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END")
+        run_sql(
+            db,
+            "CREATE TRIGGER refuse BEFORE INSERT ON users "
+            "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END",
+        )
         body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
         response = client.post("/register", json=body)
     assert response.status_code == 500, (
@@ -281,9 +407,17 @@ def test_1_3_only_a_taken_email_is_409(app_dir, db):
         {"full_name": ""},
         {"email": ("a" * 110) + "@example.com"},  # longer than the column
     ],
-    ids=["bad-email", "no-email", "short-password", "74-byte-password", "nul-password",
-         "long-phone",
-         "long-name", "empty-name", "long-email"],
+    ids=[
+        "bad-email",
+        "no-email",
+        "short-password",
+        "74-byte-password",
+        "nul-password",
+        "long-phone",
+        "long-name",
+        "empty-name",
+        "long-email",
+    ],
 )
 def test_1_3_invalid_registration_is_422_and_stores_nothing(client, db, change):
     body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
@@ -304,23 +438,90 @@ def test_1_3_broken_json_is_422(client):
     expect(response, 422, "1.3")
 
 
-# --- 2.1 Custom HTTPBearer class ------------------------------------------------
+def loops_during(monkeypatch, method_name):
+    """Record, for each call of CryptContext.<method_name>, the event loop it ran on."""
+    loops_seen = []
+    real_method = getattr(CryptContext, method_name)
+
+    def recording_method(self, *args, **kwargs):
+        try:
+            loops_seen.append(asyncio.get_running_loop())
+        except RuntimeError:
+            loops_seen.append(None)  # a worker thread: no event loop here
+        return real_method(self, *args, **kwargs)
+
+    monkeypatch.setattr(CryptContext, method_name, recording_method)
+    return loops_seen
+
+
+def test_1_3_hashing_runs_off_the_event_loop(client, monkeypatch):
+    loops_seen = loops_during(monkeypatch, "hash")
+    register(client)
+    assert loops_seen == [None], (
+        "1.3: hash the password in a thread (run_hashing), or every other request waits for it"
+    )
+
+
+# --- 2.1 The custom HTTPBearer class -------------------------------------------------
+
+
+@pytest.fixture
+def probe(app_dir):
+    """2.1 adds no route yet: these tests put oauth2_scheme on a route of their own."""
+    module = load_app(app_dir)
+    scheme = module.oauth2_scheme
+
+    @module.app.get("/checkpoint/me")
+    async def me(request: Request, payload: dict = Depends(scheme)):
+        user = getattr(request.state, "user", None)
+        return {"sub": payload["sub"], "email": None if user is None else user["email"]}
+
+    with TestClient(module.app) as client:
+        yield client
+
+
+def why_refused(response):
+    """A valid token refused: say which mistake of 2.1 does that."""
+    source = APP_FILE.read_text()
+    if "jwt.decode(" in source and "algorithms=" not in source:
+        return '2.1: pass algorithms=["HS256"] to jwt.decode: without it PyJWT refuses every token'
+    return f"2.1: a valid token was refused: {response.text}"
+
+
+def test_2_1_valid_token_loads_the_user(probe, db):
+    register(probe, email="first@example.com")
+    token = register(probe)
+    response = probe.get("/checkpoint/me", headers=bearer(token))
+    assert response.status_code == 200, why_refused(response)
+    assert response.json() == {
+        "sub": str(user_id(db, "ada@example.com")),
+        "email": "ada@example.com",
+    }, (
+        "2.1: return the token's payload, and put the user's row on request.state.user, "
+        f"got {response.json()}"
+    )
+
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Basic YWRhOnNlY3JldA=="}, {"Authorization": "Bearer"},
-     {"Authorization": "Bearer "}, {"Authorization": ""}],
+    [
+        {},
+        {"Authorization": "Basic YWRhOnNlY3JldA=="},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer "},
+        {"Authorization": ""},
+    ],
     ids=["no-header", "basic", "bare-bearer", "empty-token", "empty-header"],
 )
-def test_2_1_no_bearer_token_is_401_not_authenticated(client, headers):
-    expect_401(client.get("/clothes/", headers=headers), "Not authenticated", "2.1")
+def test_2_1_no_bearer_token_is_401_not_authenticated(probe, headers):
+    expect_401(probe.get("/checkpoint/me", headers=headers), "Not authenticated", "2.1")
 
 
-def test_2_1_expired_token_is_401_token_expired(client, db):
-    register(client)
+def test_2_1_expired_token_is_401_token_expired(probe, db):
+    register(probe)
     past = datetime.now(timezone.utc) - timedelta(minutes=1)
     token = make_token({"sub": str(user_id(db, "ada@example.com")), "exp": past})
-    expect_401(client.get("/clothes/", headers=bearer(token)), "Token expired.", "2.1")
+    expect_401(probe.get("/checkpoint/me", headers=bearer(token)), "Token expired.", "2.1")
 
 
 @pytest.mark.parametrize(
@@ -338,63 +539,69 @@ def test_2_1_expired_token_is_401_token_expired(client, db):
         "a.b.c",
         "x" * 10_000,
     ],
-    ids=["wrong-secret", "hs512", "alg-none", "no-sub", "no-exp", "text-sub", "sql-sub",
-         "huge-sub", "garbage", "three-parts", "10kB"],
+    ids=[
+        "wrong-secret",
+        "hs512",
+        "alg-none",
+        "no-sub",
+        "no-exp",
+        "text-sub",
+        "sql-sub",
+        "huge-sub",
+        "garbage",
+        "three-parts",
+        "10kB",
+    ],
 )
-def test_2_1_bad_token_is_401_invalid_token(client, token):
-    register(client)  # user 1 exists, so only the token can be at fault
-    expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
+def test_2_1_bad_token_is_401_invalid_token(probe, token):
+    register(probe)  # user 1 exists, so only the token can be at fault
+    expect_401(probe.get("/checkpoint/me", headers=bearer(token)), "Invalid token.", "2.1")
 
 
-def test_2_1_two_authorization_headers_are_refused(client):
+def test_2_1_two_authorization_headers_are_refused(probe):
     # Which of two headers counts depends on who reads them: accept neither.
-    token = register(client)
-    for headers in ([("Authorization", f"Bearer {token}"), ("Authorization", "Bearer junk")],
-                    [("Authorization", "Bearer junk"), ("Authorization", f"Bearer {token}")]):
-        response = client.get("/clothes/", headers=headers)
+    token = register(probe)
+    for headers in (
+        [("Authorization", f"Bearer {token}"), ("Authorization", "Bearer junk")],
+        [("Authorization", "Bearer junk"), ("Authorization", f"Bearer {token}")],
+    ):
+        response = probe.get("/checkpoint/me", headers=headers)
         expect_401(response, "Send one Authorization header.", "2.1")
 
 
-def test_2_1_lower_case_bearer_is_accepted(client):
+def test_2_1_lower_case_bearer_is_accepted(probe):
     # RFC 7235: the scheme name is case-insensitive.
-    token = register(client)
-    expect(client.get("/clothes/", headers={"Authorization": f"bearer {token}"}), 200, "2.1")
+    token = register(probe)
+    expect(probe.get("/checkpoint/me", headers={"Authorization": f"bearer {token}"}), 200, "2.1")
 
 
-def test_2_1_integer_sub_is_401_invalid_token(client):
+def test_2_1_integer_sub_is_401_invalid_token(probe):
     # The tutorial's token: PyJWT 2.10+ refuses a sub that is not a string.
-    register(client)
+    register(probe)
     token = make_token({"sub": 1, "exp": in_one_hour()})
-    expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
+    expect_401(probe.get("/checkpoint/me", headers=bearer(token)), "Invalid token.", "2.1")
 
 
-def test_2_1_token_of_a_deleted_user_is_401_invalid_token(client, db):
-    token = register(client)
+def test_2_1_token_of_a_deleted_user_is_401_invalid_token(probe, db):
+    token = register(probe)
     run_sql(db, "DELETE FROM users")
-    expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
+    expect_401(probe.get("/checkpoint/me", headers=bearer(token)), "Invalid token.", "2.1")
 
 
-def test_2_1_token_of_a_deleted_user_never_passes_to_a_new_user(client, db):
-    register(client, email="first@example.com")
-    token = register(client, email="leaver@example.com")
+def test_2_1_token_of_a_deleted_user_never_passes_to_a_new_user(probe, db):
+    register(probe, email="first@example.com")
+    token = register(probe, email="leaver@example.com")
     run_sql(db, "DELETE FROM users WHERE email = 'leaver@example.com'")
-    register(client, email="newcomer@example.com")  # must not get the leaver's id
-    expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "2.1")
+    register(probe, email="newcomer@example.com")  # must not get the leaver's id
+    expect_401(probe.get("/checkpoint/me", headers=bearer(token)), "Invalid token.", "2.1")
 
 
-def test_2_1_openapi_declares_the_bearer_scheme(client):
-    schema = client.get("/openapi.json").json()
-    assert schema["components"]["securitySchemes"] == {
-        "CustomHTTPBearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
-    }, "2.1: Swagger's Authorize button comes from this security scheme"
-    paths = schema["paths"]
-    assert paths["/clothes/"]["get"]["security"] == [{"CustomHTTPBearer": []}], (
-        "2.2: GET /clothes/ depends on oauth2_scheme"
-    )
-    assert "security" not in paths["/register"]["post"], "1.3: register needs no token"
+# --- 2.2 Protect GET /clothes/ ------------------------------------------------------
 
 
-# --- 2.2 Usage: protect GET /clothes/ -------------------------------------------
+def test_2_2_no_token_is_401(client):
+    expect_401(client.get("/clothes/"), "Not authenticated", "2.2")
+
 
 def test_2_2_valid_token_lists_clothes(client, db):
     token = register(client)
@@ -407,14 +614,31 @@ def test_2_2_valid_token_lists_clothes(client, db):
     )
     [item] = client.get("/clothes/", headers=bearer(token)).json()
     assert {key: item[key] for key in ("name", "color", "size", "photo_url")} == {
-        "name": "Scarf", "color": "pink", "size": "xl", "photo_url": "u"
+        "name": "Scarf",
+        "color": "pink",
+        "size": "xl",
+        "photo_url": "u",
     }
     assert datetime.fromisoformat(item["created_at"]).utcoffset() == timedelta(0), (
         f"2.2: times carry their UTC offset, got {item['created_at']!r}"
     )
 
 
-# --- 3.1 Change the user model: the role column ---------------------------------
+def test_2_2_openapi_declares_the_bearer_scheme(client):
+    schema = client.get("/openapi.json").json()
+    schemes = schema.get("components", {}).get("securitySchemes")
+    assert schemes == {
+        "CustomHTTPBearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    }, f"2.2: Swagger's Authorize button comes from this security scheme, got {schemes}"
+    paths = schema["paths"]
+    assert paths["/clothes/"]["get"].get("security") == [{"CustomHTTPBearer": []}], (
+        "2.2: GET /clothes/ depends on oauth2_scheme"
+    )
+    assert "security" not in paths["/register"]["post"], "1.3: register needs no token"
+
+
+# --- 3.1 The role column --------------------------------------------------------------
+
 
 def test_3_1_role_defaults_to_user_in_the_database(client, db):
     # Even a row written without the app gets the role "user".
@@ -423,31 +647,42 @@ def test_3_1_role_defaults_to_user_in_the_database(client, db):
     assert user["role"] == "user", "3.1: the role column needs server_default 'user'"
 
 
-def test_3_1_restart_keeps_users_and_their_tokens(app_dir, db):
+def test_3_1_register_gives_the_role_user(client, db):
+    register(client)
+    [user] = rows(db, "SELECT role FROM users")
+    assert user["role"] == "user", "3.1: a new user gets the role 'user'"
+
+
+def test_3_1_a_role_in_the_body_is_ignored(client, db):
+    register(client, role="super_admin")
+    [user] = rows(db, "SELECT role FROM users")
+    assert user["role"] == "user", "3.1: nobody may make themselves an admin by registering"
+
+
+# --- 3.2 The is_admin dependency ------------------------------------------------------
+
+
+@pytest.mark.parametrize("role, status_code", [("super_admin", 201), ("admin", 201), ("user", 403)])
+def test_3_2_the_app_reads_each_role(client, db, role, status_code):
+    token = register(client)
+    set_role(db, "ada@example.com", role)
+    response = client.post("/clothes/", json=SHIRT, headers=bearer(token))
+    expect(response, status_code, f"3.2: the role {role!r}, read back as a UserRolesEnum")
+
+
+def test_3_2_restart_keeps_users_and_their_tokens(app_dir, db):
     # Starting again runs create_all on a full database: it must leave the data alone.
     with TestClient(load_app(app_dir).app) as client:
         token = register(client)
         set_role(db, "ada@example.com", "admin")
-        expect(client.post("/clothes/", json=SHIRT, headers=bearer(token)), 201, "3.1")
+        expect(client.post("/clothes/", json=SHIRT, headers=bearer(token)), 201, "3.2")
     with TestClient(load_app(app_dir).app) as client:
         response = client.get("/clothes/", headers=bearer(token))
-        expect(response, 200, "3.1: a token from before the restart still works")
+        expect(response, 200, "3.2: a token from before the restart still works")
         assert [item["name"] for item in response.json()] == ["Linen shirt"]
-        expect(client.post("/clothes/", json=SHIRT, headers=bearer(token)), 201, "3.1")
+        expect(client.post("/clothes/", json=SHIRT, headers=bearer(token)), 201, "3.2")
     assert len(rows(db, "SELECT id FROM users")) == 1
 
-
-@pytest.mark.parametrize(
-    "role, status_code", [("super_admin", 201), ("admin", 201), ("user", 403)]
-)
-def test_3_1_the_app_reads_each_role(client, db, role, status_code):
-    token = register(client)
-    set_role(db, "ada@example.com", role)
-    response = client.post("/clothes/", json=SHIRT, headers=bearer(token))
-    expect(response, status_code, f"3.1: the role {role!r}, read back as a UserRolesEnum")
-
-
-# --- 3.2 Extend the dependencies: is_admin ---------------------------------------
 
 def test_3_2_plain_user_cannot_add_clothes(client, db):
     token = register(client)
@@ -505,8 +740,14 @@ def test_3_2_role_is_read_from_the_database_on_every_request(client, db):
 
 @pytest.mark.parametrize(
     "change",
-    [{"size": "xxxl"}, {"color": "green"}, {"name": None}, {"name": ""}, {"name": "x" * 121},
-     {"photo_url": "https://example.com/" + "x" * 250}],
+    [
+        {"size": "xxxl"},
+        {"color": "green"},
+        {"name": None},
+        {"name": ""},
+        {"name": "x" * 121},
+        {"photo_url": "https://example.com/" + "x" * 250},
+    ],
     ids=["bad-size", "bad-color", "no-name", "empty-name", "long-name", "long-photo-url"],
 )
 def test_3_2_invalid_clothes_are_422(client, db, change):
@@ -527,13 +768,12 @@ def test_3_2_openapi_declares_401_and_403(client):
     )
 
 
-# --- 4 Logging in -----------------------------------------------------------------
+# --- 4 Logging in -----------------------------------------------------------------------
+
 
 def test_4_login_returns_a_working_token(client):
     register(client)
-    response = client.post(
-        "/login", json={"email": "ada@example.com", "password": "correct horse"}
-    )
+    response = client.post("/login", json={"email": "ada@example.com", "password": "correct horse"})
     expect(response, 200, "4")
     token = response.json()["token"]
     expect(client.get("/clothes/", headers=bearer(token)), 200, "4: the login token works")
@@ -541,8 +781,10 @@ def test_4_login_returns_a_working_token(client):
 
 @pytest.mark.parametrize(
     "credentials",
-    [{"email": "ada@example.com", "password": "wrong horse"},
-     {"email": "nobody@example.com", "password": "correct horse"}],
+    [
+        {"email": "ada@example.com", "password": "wrong horse"},
+        {"email": "nobody@example.com", "password": "correct horse"},
+    ],
     ids=["wrong-password", "unknown-email"],
 )
 def test_4_bad_login_is_one_and_the_same_401(client, credentials):
@@ -553,30 +795,12 @@ def test_4_bad_login_is_one_and_the_same_401(client, credentials):
 def test_4_login_token_belongs_to_that_user(client, db):
     register(client, email="first@example.com")
     register(client)
-    response = client.post(
-        "/login", json={"email": "ada@example.com", "password": "correct horse"}
-    )
+    response = client.post("/login", json={"email": "ada@example.com", "password": "correct horse"})
     expect(response, 200, "4")
     payload = jwt.decode(response.json()["token"], SECRET, algorithms=["HS256"])
     assert payload["sub"] == str(user_id(db, "ada@example.com")), (
         "4: the token's sub is the id of the user who logged in"
     )
-
-
-def loops_during(monkeypatch, method_name):
-    """Record, for each call of CryptContext.<method_name>, the event loop it ran on."""
-    loops_seen = []
-    real_method = getattr(CryptContext, method_name)
-
-    def recording_method(self, *args, **kwargs):
-        try:
-            loops_seen.append(asyncio.get_running_loop())
-        except RuntimeError:
-            loops_seen.append(None)  # a worker thread: no event loop here
-        return real_method(self, *args, **kwargs)
-
-    monkeypatch.setattr(CryptContext, method_name, recording_method)
-    return loops_seen
 
 
 @pytest.mark.parametrize(
@@ -593,19 +817,13 @@ def test_4_login_checks_one_password_off_the_event_loop(client, monkeypatch, ema
     )
 
 
-def test_4_hashing_runs_off_the_event_loop(client, monkeypatch):
-    loops_seen = loops_during(monkeypatch, "hash")
-    register(client)
-    assert loops_seen == [None], (
-        "Password hashing: run it in a thread, or every other request waits for it"
-    )
-
-
 @pytest.mark.parametrize(
     "body",
-    [{"email": "ada@example.com"},
-     {"email": "ada@example.com", "password": "x" * 100},
-     {"email": "ada@example.com", "password": "pass\x00word"}],
+    [
+        {"email": "ada@example.com"},
+        {"email": "ada@example.com", "password": "x" * 100},
+        {"email": "ada@example.com", "password": "pass\x00word"},
+    ],
     ids=["no-password", "100-byte-password", "nul-password"],
 )
 def test_4_invalid_login_body_is_422(client, body):
@@ -614,15 +832,24 @@ def test_4_invalid_login_body_is_422(client, body):
     expect(client.post("/login", json=body), 422, "4")
 
 
-# --- 5 Making an admin ------------------------------------------------------------
+# --- 5 Making an admin -------------------------------------------------------------------
+
 
 def test_5_create_user_makes_an_admin_who_can_add_clothes(app_dir, db):
     # The real command line, as the README shows it, with the password piped in.
     result = subprocess.run(
         [sys.executable, "main.py", "create-user", "boss@example.com", "--role", "admin"],
-        cwd=app_dir, input="admin password\n", capture_output=True, text=True, timeout=60,
+        cwd=app_dir,
+        input="admin password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, f"5: create-user failed: {result.stderr}"
+    assert "Created boss@example.com" in result.stdout, (
+        "5: `python main.py create-user` did nothing: end the file with main() and "
+        f'`if __name__ == "__main__": main()`; it printed {result.stdout!r}'
+    )
     [user] = rows(db, "SELECT role FROM users WHERE email = 'boss@example.com'")
     assert user["role"] == "admin"
     with TestClient(load_app(app_dir).app) as client:
@@ -668,8 +895,11 @@ def test_5_create_user_reports_other_database_errors_as_they_are(app_dir, db, mo
     if db.dialect.name != "sqlite":
         pytest.skip("uses a SQLite trigger")
     run_command(app_dir, monkeypatch, "create-user", "first@example.com")
-    run_sql(db, "CREATE TRIGGER refuse BEFORE INSERT ON users "
-                "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END")
+    run_sql(
+        db,
+        "CREATE TRIGGER refuse BEFORE INSERT ON users "
+        "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END",
+    )
     with pytest.raises(sqlalchemy.exc.IntegrityError, match="the disk is full"):
         run_command(app_dir, monkeypatch, "create-user", "boss@example.com")
 
@@ -691,149 +921,3 @@ def test_5_unknown_role_is_refused(app_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         run_command(app_dir, monkeypatch, "set-role", "ada@example.com", "owner")
     assert stopped.value.code == 2 and "invalid choice" in capsys.readouterr().err
-
-
-# --- Configuration ----------------------------------------------------------------
-
-def test_config_missing_secret_still_starts_with_a_warning(app_dir, monkeypatch, caplog):
-    monkeypatch.delenv("JWT_SECRET")
-    module = load_app(app_dir)
-    assert "JWT_SECRET is not set" in caplog.text, "Settings: warn that tokens die on restart"
-    with TestClient(module.app) as client:
-        token = register(client)
-        expect(client.get("/clothes/", headers=bearer(token)), 200, "Settings")
-
-
-def test_config_missing_secret_is_random_per_process(app_dir, monkeypatch):
-    # A made-up secret that anybody could read in main.py would be no secret.
-    monkeypatch.delenv("JWT_SECRET")
-    with TestClient(load_app(app_dir).app) as client:
-        token = register(client)
-    with TestClient(load_app(app_dir).app) as client:
-        expect_401(client.get("/clothes/", headers=bearer(token)), "Invalid token.", "Settings")
-
-
-@pytest.mark.parametrize("length", [31, 32])
-def test_config_secret_needs_32_bytes(app_dir, monkeypatch, length):
-    monkeypatch.setenv("JWT_SECRET", "s" * length)
-    if length < 32:
-        with pytest.raises(SystemExit):
-            load_app(app_dir)
-    else:
-        load_app(app_dir)  # no SystemExit: 32 bytes is enough
-
-
-def test_config_short_secret_stops_startup_with_advice(app_dir, monkeypatch):
-    monkeypatch.setenv("JWT_SECRET", "too-short")
-    with pytest.raises(SystemExit) as stopped:
-        load_app(app_dir)
-    assert "secrets.token_urlsafe" in str(stopped.value), (
-        "Settings: say how to make a good secret"
-    )
-
-
-def test_config_dot_env_beside_the_app_is_read(app_dir, monkeypatch):
-    env_secret = "the-secret-from-the-dot-env-file-0123456789"
-    (app_dir / ".env").write_text(f"JWT_SECRET={env_secret}\n")
-    monkeypatch.delenv("JWT_SECRET")
-    with TestClient(load_app(app_dir).app) as client:
-        token = register(client)
-    assert jwt.decode(token, env_secret, algorithms=["HS256"])["sub"]
-
-
-def test_config_dot_env_in_a_parent_folder_is_not_read(app_dir, monkeypatch, caplog):
-    # app_dir's parent could be any folder on your disk, another project's included.
-    (app_dir.parent / ".env").write_text("JWT_SECRET=short\n")
-    monkeypatch.delenv("JWT_SECRET")
-    load_app(app_dir)  # neither stops on the short secret nor uses it
-    assert "JWT_SECRET is not set" in caplog.text, "Settings: read only the .env beside main.py"
-
-
-def test_config_default_database_is_a_file_beside_the_app(app_dir, monkeypatch):
-    monkeypatch.delenv("DATABASE_URL")
-    with TestClient(load_app(app_dir).app) as client:
-        register(client)
-    assert (app_dir / "clothes.db").exists(), "Settings: default to clothes.db beside main.py"
-
-
-def test_config_bcrypt_rounds_sets_the_hashing_cost(client, db):
-    register(client)
-    [user] = rows(db, "SELECT password FROM users")
-    assert user["password"].startswith("$2b$04$"), "Settings: BCRYPT_ROUNDS=4 gives $2b$04$"
-
-
-@pytest.mark.skipif(not CHECKING_OUR_APP, reason="checks our .env.example")
-def test_config_env_example_lists_every_setting():
-    read_by_app = set(re.findall(r'config\(\s*"(\w+)"', APP_FILE.read_text()))
-    example = (HERE / ".env.example").read_text()
-    listed = set(re.findall(r"^#? ?(\w+)=", example, flags=re.MULTILINE))
-    assert read_by_app == listed, f"the app reads {read_by_app}, .env.example lists {listed}"
-
-
-# --- lesson.md is kept equal to main.py ---------------------------------------------
-
-BANNER = re.compile(r"^# --- (.+) ---$", flags=re.MULTILINE)
-# <!-- main.py: SECTION --> right above a python block that holds that section.
-QUOTE = re.compile(
-    r"^<!-- main\.py: (.+?) -->\n```python\n(.*?)^```$", flags=re.MULTILINE | re.DOTALL
-)
-K_OPTION = re.compile(r"pytest -k (\"[^\"]+\"|'[^']+'|\w+)")
-needs_our_files = pytest.mark.skipif(not CHECKING_OUR_APP, reason="lesson.md quotes our main.py")
-
-
-def main_sections():
-    """{section name: its text}, a section running from its banner to the next one."""
-    text = (HERE / "main.py").read_text()
-    banners = list(BANNER.finditer(text))
-    ends = [banner.start() for banner in banners[1:]] + [len(text)]
-    return {
-        banner[1]: text[banner.start():end].rstrip() + "\n"
-        for banner, end in zip(banners, ends)
-    }
-
-
-@needs_our_files
-def test_lesson_swagger_groups_operations_by_lesson_part(client):
-    # Students spend section 2.2 in Swagger: it should read like the lesson.
-    schema = client.get("/openapi.json").json()
-    assert schema["info"]["title"] and schema["info"]["description"]
-    operations = {
-        f"{method.upper()} {path}": (operation["tags"], operation["summary"])
-        for path, methods in schema["paths"].items()
-        for method, operation in methods.items()
-    }
-    assert operations == {
-        "POST /register": (["1 · JWT"], "1.3 Register a user and get a token"),
-        "GET /clothes/": (["2 · Authentication"], "2.2 List clothes (any logged-in user)"),
-        "POST /clothes/": (["3 · Authorization"], "3.2 Add clothes (admin and super_admin only)"),
-        "POST /login": (["4 · Logging in"], "4 Log in with email and password and get a token"),
-    }
-
-
-@needs_our_files
-def test_lesson_quotes_main_py_exactly():
-    sections = main_sections()
-    quotes = QUOTE.findall((HERE / "lesson.md").read_text())
-    unknown = [name for name, _ in quotes if name not in sections]
-    assert not unknown, f"lesson.md quotes sections main.py does not have: {unknown}"
-    differ = [name for name, code in quotes if code != sections[name]]
-    assert not differ, f"lesson.md's copy differs from main.py in: {differ}"
-    unquoted = sorted(set(sections) - {name for name, _ in quotes})
-    assert not unquoted, f"sections of main.py that lesson.md never quotes: {unquoted}"
-
-
-@needs_our_files
-def test_lesson_pytest_commands_select_tests():
-    # The lesson's -k expressions are test-name prefixes, joined by "or".
-    expressions = K_OPTION.findall((HERE / "lesson.md").read_text())
-    assert expressions, "lesson.md should show how to run each checkpoint"
-    test_names = [name for name in globals() if name.startswith("test_")]
-    selecting_nothing = [
-        expression
-        for expression in expressions
-        for word in expression.strip("\"'").split(" or ")
-        if not any(word in name for name in test_names)
-    ]
-    assert not selecting_nothing, (
-        f"`pytest -k` commands in lesson.md that select no test: {selecting_nothing}"
-    )
