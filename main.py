@@ -220,10 +220,10 @@ elif len(JWT_SECRET.encode()) < 32:
     )
 
 
-def create_access_token(user_id: int) -> str:
-    # PyJWT 2.10+ insists that "sub" is a string, so the id goes in as text.
+def create_access_token(user) -> str:
+    # user is a row of the users table. PyJWT 2.10+ insists that "sub" is a string.
     payload = {
-        "sub": str(user_id),
+        "sub": str(user["id"]),
         "exp": datetime.now(timezone.utc) + timedelta(minutes=JWT_EXPIRES_MINUTES),
     }
     return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
@@ -294,7 +294,8 @@ async def create_user(user: UserSignIn):
             raise
         # The unique column decides, so two requests at once cannot both win.
         raise HTTPException(status.HTTP_409_CONFLICT, "A user with this email already exists.")
-    return {"token": create_access_token(id_)}
+    new_user = await database.fetch_one(users.select().where(users.c.id == id_))
+    return {"token": create_access_token(new_user)}
 
 
 # --- 2.1 The custom HTTPBearer class ---
@@ -458,7 +459,7 @@ async def login(credentials: UserLogin):
         password_ok = await run_hashing(pwd_context.verify, credentials.password, user["password"])
     if not password_ok:
         raise unauthorized("Incorrect email or password.")
-    return {"token": create_access_token(user["id"])}
+    return {"token": create_access_token(user)}
 
 
 # --- 5 Making an admin ---

@@ -8,8 +8,8 @@ A test's name starts with its section: test_2_1_... checks section 2.1, and a
 failure starts with the section to reread (conftest.py writes that line).
 The tests talk to the app through HTTP and to the database through the
 DATABASE_URL they set. Two sections add no route: the 1.2 tests call
-create_access_token, and the 2.1 tests put oauth2_scheme on a test route.
-Each test runs a fresh copy of the app file in a folder of its own, so your
+create_access_token with a row they insert, and the 2.1 tests put
+oauth2_scheme on a test route of their own. Each test runs a fresh copy of the app file in a folder of its own, so your
 .env and your database are never read or touched.
 """
 
@@ -219,9 +219,18 @@ def test_0_dot_env_in_a_parent_folder_is_not_read(app_dir, monkeypatch, tmp_path
 # --- 1.2 Encode a token ------------------------------------------------------------
 
 
+def token_for_ada(module, db):
+    """create_access_token(Ada's row), read from the users table as the app reads it."""
+    module.metadata.create_all(db)
+    if not rows(db, "SELECT id FROM users WHERE id = 42"):
+        run_sql(db, "INSERT INTO users (id, email, password) VALUES (42, 'ada@example.com', 'x')")
+    [ada] = rows(db, "SELECT * FROM users WHERE id = 42")
+    return module.create_access_token(ada)
+
+
 @pytest.fixture
-def app(app_dir):
-    return load_app(app_dir)
+def token(app_dir, db):
+    return token_for_ada(load_app(app_dir), db)
 
 
 def lifetime_of(token):
@@ -229,8 +238,7 @@ def lifetime_of(token):
     return payload["exp"] - datetime.now(timezone.utc).timestamp()
 
 
-def test_1_2_token_is_hs256_with_string_sub_and_exp(app):
-    token = app.create_access_token(42)
+def test_1_2_token_is_hs256_with_string_sub_and_exp(token):
     assert jwt.get_unverified_header(token)["alg"] == "HS256", "1.2: sign with HS256"
     # verify_sub off: an integer sub should fail the assert below, with its advice.
     payload = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_sub": False})
@@ -245,9 +253,9 @@ def test_1_2_token_is_hs256_with_string_sub_and_exp(app):
     )
 
 
-def test_1_2_token_lifetime_comes_from_jwt_expires_minutes(app_dir, monkeypatch):
+def test_1_2_token_lifetime_comes_from_jwt_expires_minutes(app_dir, db, monkeypatch):
     monkeypatch.setenv("JWT_EXPIRES_MINUTES", "5")
-    lifetime = lifetime_of(load_app(app_dir).create_access_token(1))
+    lifetime = lifetime_of(token_for_ada(load_app(app_dir), db))
     assert 5 * 60 - 60 < lifetime <= 5 * 60, (
         f"1.2: with JWT_EXPIRES_MINUTES=5 the token should live 5 minutes, not {lifetime:.0f} s"
     )
@@ -262,8 +270,8 @@ def server_far_from_utc(monkeypatch):
     time.tzset()
 
 
-def test_1_2_expiry_does_not_depend_on_the_server_timezone(server_far_from_utc, app):
-    lifetime = lifetime_of(app.create_access_token(1))
+def test_1_2_expiry_does_not_depend_on_the_server_timezone(server_far_from_utc, token):
+    lifetime = lifetime_of(token)
     assert 120 * 60 - 60 < lifetime <= 120 * 60, (
         "1.2: compute exp from datetime.now(timezone.utc); on a server in UTC+14 "
         f"this token lives {lifetime:.0f} s"
@@ -278,17 +286,17 @@ def test_1_2_no_utcnow():
     )
 
 
-def test_1_2_missing_secret_still_starts_with_a_warning(app_dir, monkeypatch, caplog):
+def test_1_2_missing_secret_still_starts_with_a_warning(app_dir, db, monkeypatch, caplog):
     monkeypatch.delenv("JWT_SECRET")
     module = load_app(app_dir)
     assert "JWT_SECRET is not set" in caplog.text, "1.2: warn that tokens die on restart"
-    assert module.create_access_token(1)
+    assert token_for_ada(module, db)
 
 
-def test_1_2_missing_secret_is_random_per_process(app_dir, monkeypatch):
+def test_1_2_missing_secret_is_random_per_process(app_dir, db, monkeypatch):
     # A made-up secret that anybody could read in main.py would be no secret.
     monkeypatch.delenv("JWT_SECRET")
-    token = load_app(app_dir).create_access_token(1)
+    token = token_for_ada(load_app(app_dir), db)
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(token, load_app(app_dir).JWT_SECRET, algorithms=["HS256"])
 
@@ -317,12 +325,12 @@ def test_1_2_short_secret_stops_startup_with_advice(app_dir, monkeypatch):
     assert "secrets.token_urlsafe" in str(stopped), "1.2: say how to make a good secret"
 
 
-def test_1_2_dot_env_secret_is_read(app_dir, monkeypatch):
+def test_1_2_dot_env_secret_is_read(app_dir, db, monkeypatch):
     env_secret = "the-secret-from-the-dot-env-file-0123456789"
     (app_dir / ".env").write_text(f"JWT_SECRET={env_secret}\n")
     monkeypatch.delenv("JWT_SECRET")
-    token = load_app(app_dir).create_access_token(1)
-    assert jwt.decode(token, env_secret, algorithms=["HS256"])["sub"] == "1"
+    token = token_for_ada(load_app(app_dir), db)
+    assert jwt.decode(token, env_secret, algorithms=["HS256"])["sub"] == "42"
 
 
 # --- 1.3 Register returns a token ----------------------------------------------------
@@ -336,7 +344,7 @@ def test_1_3_register_answers_201_with_only_a_token(client, db):
     )
     payload = jwt.decode(response.json()["token"], SECRET, algorithms=["HS256"])
     assert payload["sub"] == str(user_id(db, "ada@example.com")), (
-        "1.3: the token is for the new user: create_access_token(the new id)"
+        "1.3: the token is for the new user: create_access_token(its row)"
     )
 
 
