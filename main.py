@@ -132,6 +132,7 @@ users = sqlalchemy.Table(
         nullable=False,
         server_default=UserRolesEnum.user.name,
     ),
+    sqlalchemy.Column("token_version", sqlalchemy.Integer, nullable=False, server_default="0"),  # 6
     # Without it SQLite hands a deleted user's id, and so their tokens, to the next user.
     sqlite_autoincrement=True,
 )
@@ -176,10 +177,23 @@ pwd_context = CryptContext(schemes=["bcrypt"], bcrypt__rounds=BCRYPT_ROUNDS)
 # --- 0 App ---
 
 
+def check_columns() -> None:
+    # create_all adds missing tables, never missing columns: stop now, not with a 500 later.
+    inspector = sqlalchemy.inspect(engine)
+    for table in metadata.sorted_tables:
+        found = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in found:
+                raise SystemExit(
+                    f"The {table.name} table in the database has no {column.name} column. "
+                    "Add it with a migration: see lesson.md, Appendix H."
+                )
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    # create_all adds missing tables, never missing columns: see the migrations appendix.
     metadata.create_all(engine)
+    check_columns()
     await database.connect()
     yield
     await database.disconnect()
@@ -225,6 +239,7 @@ def create_access_token(user) -> str:
     payload = {
         "sub": str(user["id"]),
         "exp": datetime.now(timezone.utc) + timedelta(minutes=JWT_EXPIRES_MINUTES),
+        "ver": user["token_version"],  # 6
     }
     return jwt.encode(payload, JWT_SECRET, algorithm="HS256")
 
@@ -336,6 +351,9 @@ class CustomHTTPBearer(HTTPBearer):
         # The user may have been deleted since the token was issued.
         if user is None:
             raise unauthorized("Invalid token.")
+        if payload.get("ver") != user["token_version"]:  # 6
+            # A logout or a new password since this token was made took it back.
+            raise unauthorized("Token revoked.")
         request.state.user = user
         return payload
 
@@ -506,6 +524,17 @@ def set_role_command(connection, args) -> str:
     return f"{args.email} is now {args.role}."
 
 
+def logout_command(connection, args) -> str:  # 6
+    result = connection.execute(
+        users.update()
+        .where(users.c.email == args.email)
+        .values(token_version=users.c.token_version + 1)
+    )
+    if result.rowcount == 0:
+        raise SystemExit(f"No user with email {args.email}.")
+    return f"Every token of {args.email} is revoked."
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python main.py", description="Manage the lesson app's users."
@@ -527,11 +556,73 @@ def main(argv=None) -> None:
     set_role.add_argument("role", choices=roles)
     set_role.set_defaults(handler=set_role_command)
 
+    logout_user = commands.add_parser("logout", help="revoke every token of a user")  # 6
+    logout_user.add_argument("email")  # 6
+    logout_user.set_defaults(handler=logout_command)  # 6
+
     args = parser.parse_args(argv)
     metadata.create_all(engine)  # the server may never have run yet
+    check_columns()
     with engine.begin() as connection:
         print(args.handler(connection, args))
 
+
+# --- 6 Log out and change the password ---
+
+
+async def take_tokens_back(user_id: int) -> None:
+    # One UPDATE that counts up in the database: two logouts at once both count.
+    await database.execute(
+        users.update().where(users.c.id == user_id).values(token_version=users.c.token_version + 1)
+    )
+
+
+@app.post(
+    "/logout",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(oauth2_scheme)],
+    responses=NOT_AUTHENTICATED,
+    tags=["6 · Going further"],
+    summary="6 Log out: every token of this user stops working",
+)
+async def logout(request: Request) -> None:
+    await take_tokens_back(request.state.user["id"])
+
+
+class PasswordChange(BaseModel):
+    old_password: Annotated[str, AfterValidator(fits_bcrypt)]
+    new_password: Annotated[str, Field(min_length=8), AfterValidator(fits_bcrypt)]
+
+
+@app.post(
+    "/password",
+    response_model=TokenOut,
+    dependencies=[Depends(oauth2_scheme)],
+    responses={
+        status.HTTP_400_BAD_REQUEST: {
+            "model": ErrorOut,
+            "description": "Wrong old password, or a body that cannot be read as JSON text",
+        },
+        **NOT_AUTHENTICATED,
+    },
+    tags=["6 · Going further"],
+    summary="6 Change the password: older tokens stop working, here is a new one",
+)
+async def change_password(change: PasswordChange, request: Request):
+    user = request.state.user
+    if not await run_hashing(pwd_context.verify, change.old_password, user["password"]):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "Incorrect password.")
+    new_hash = await run_hashing(pwd_context.hash, change.new_password)
+    await database.execute(
+        users.update()
+        .where(users.c.id == user["id"])
+        .values(password=new_hash, token_version=users.c.token_version + 1)
+    )
+    changed = await database.fetch_one(users.select().where(users.c.id == user["id"]))
+    return {"token": create_access_token(changed)}
+
+
+# --- 5 Run the admin command ---
 
 if __name__ == "__main__":
     main()

@@ -57,19 +57,26 @@ def sections(text: str) -> list[str]:
 def file_at(text: str, section: str) -> str:
     """main.py as it stands at the end of `section`."""
     kept = [line for owner, _, line in owned_lines(text) if order(owner) <= order(section)]
+    return squeeze_blank_lines("".join(kept))
+
+
+def squeeze_blank_lines(code: str) -> str:
     # Leaving out a tagged class can put two blank gaps together: keep at most two blank lines.
-    return re.sub(r"\n{4,}", "\n\n\n", "".join(kept))
+    return re.sub(r"\n{4,}", "\n\n\n", code)
 
 
 def additions(text: str, section: str) -> list[str]:
     """The pieces of code that `section` adds, in file order: what lesson.md shows for it.
 
-    A piece is a run of the section's lines inside one block; its imports make one piece.
+    A piece is a run of the section's lines in the file as it stands at the end of the
+    section, inside one block; the section's imports make one piece.
     """
     pieces = []
     growing = False  # does the next line of the section extend the last piece?
     blanks = ""
     for owner, title, line in owned_lines(text):
+        if order(owner) > order(section):
+            continue  # not written yet at the end of this section
         if not line.strip():
             blanks += line
             continue
@@ -82,7 +89,7 @@ def additions(text: str, section: str) -> list[str]:
         elif title != "Imports":
             growing = False
         blanks = ""
-    return pieces
+    return [squeeze_blank_lines(piece) for piece in pieces]
 
 
 # A top-level line that defines or imports a name: def, class, import or assignment.

@@ -83,7 +83,9 @@ def test_lesson_pytest_commands_select_tests():
         for word in expression.strip("\"'").split(" or ")
         if f"def {word}_" not in test_names
     ]
-    assert not selecting_nothing, f"`pytest -k` in lesson.md that select no test: {selecting_nothing}"
+    assert not selecting_nothing, (
+        f"`pytest -k` in lesson.md that select no test: {selecting_nothing}"
+    )
 
 
 def test_lesson_links_point_at_headings():
@@ -114,7 +116,7 @@ def test_steps_lists_the_sections_in_lesson_order():
     listed = run_steps("--list").stdout.split()
     assert listed[0] == "0"
     assert listed == sorted(listed, key=steps.order)
-    assert {"1.2", "1.3", "2.1", "2.2", "3.1", "3.2", "4", "5"} <= set(listed)
+    assert {"1.2", "1.3", "2.1", "2.2", "3.1", "3.2", "4", "5", "6"} <= set(listed)
 
 
 def test_steps_last_section_is_main_py_byte_for_byte():
@@ -168,4 +170,12 @@ def test_swagger_groups_operations_by_lesson_section(tmp_path, monkeypatch):
         "GET /clothes/": (["2 · Authentication"], "2.2 List clothes (any logged-in user)"),
         "POST /clothes/": (["3 · Authorization"], "3.2 Add clothes (admin and super_admin only)"),
         "POST /login": (["4 · Logging in"], "4 Log in with email and password and get a token"),
+        "POST /logout": (
+            ["6 · Going further"],
+            "6 Log out: every token of this user stops working",
+        ),
+        "POST /password": (
+            ["6 · Going further"],
+            "6 Change the password: older tokens stop working, here is a new one",
+        ),
     }

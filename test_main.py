@@ -667,6 +667,39 @@ def test_3_1_a_role_in_the_body_is_ignored(client, db):
     assert user["role"] == "user", "3.1: nobody may make themselves an admin by registering"
 
 
+# The users table as part 3 left it, in SQL that SQLite and PostgreSQL both take.
+PART_3_USERS = (
+    "CREATE TABLE users (id INTEGER PRIMARY KEY, email VARCHAR(120) NOT NULL UNIQUE, "
+    "password VARCHAR(255) NOT NULL, full_name VARCHAR(200), phone VARCHAR(13), "
+    "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, "
+    "last_modified_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP{more})"
+)
+
+
+def startup_refusal(module):
+    """Why the app refuses to start (the SystemExit of its lifespan), or None if it starts."""
+
+    async def start_and_stop():
+        async with module.app.router.lifespan_context(module.app):
+            pass
+
+    try:
+        asyncio.run(start_and_stop())
+    except SystemExit as stopped:
+        return str(stopped)
+    return None
+
+
+def test_3_1_a_part_3_database_is_refused_at_startup(app_dir, db):
+    # create_all leaves an existing table as it is: the role column would be missing.
+    run_sql(db, PART_3_USERS.format(more=""))
+    refusal = startup_refusal(load_app(app_dir))
+    assert refusal and "role" in refusal and "Appendix H" in refusal, (
+        "3.1: on a users table without role, stop at startup with a message that names the "
+        f"column and Appendix H (check_columns in 0), not with a 500 later; got {refusal!r}"
+    )
+
+
 # --- 3.2 The is_admin dependency ------------------------------------------------------
 
 
@@ -929,3 +962,138 @@ def test_5_unknown_role_is_refused(app_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         run_command(app_dir, monkeypatch, "set-role", "ada@example.com", "owner")
     assert stopped.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# --- 6 Log out and change the password ----------------------------------------------------
+
+
+def login(client, password="correct horse"):
+    response = client.post("/login", json={"email": "ada@example.com", "password": password})
+    expect(response, 200, "4 login")
+    return response.json()["token"]
+
+
+def version_of_ada(db):
+    return rows(db, "SELECT token_version FROM users WHERE email = 'ada@example.com'")[0][
+        "token_version"
+    ]
+
+
+def test_6_logout_revokes_every_token_of_the_user(client, db):
+    register(client)
+    phone, laptop = login(client), login(client)
+    expect(client.get("/clothes/", headers=bearer(phone)), 200, "6")
+    response = client.post("/logout", headers=bearer(phone))
+    expect(response, 204, "6")
+    assert response.content == b"", "6: a 204 has no body"
+    for token in (phone, laptop):
+        expect_401(client.get("/clothes/", headers=bearer(token)), "Token revoked.", "6")
+    assert version_of_ada(db) == 1, "6: logout adds one to token_version"
+    expect(client.get("/clothes/", headers=bearer(login(client))), 200, "6: log in again")
+
+
+def test_6_logout_needs_a_token(client):
+    expect_401(client.post("/logout"), "Not authenticated", "6")
+
+
+def test_6_a_token_without_a_version_is_refused(client, db):
+    register(client)
+    token = make_token({"sub": str(user_id(db, "ada@example.com")), "exp": in_one_hour()})
+    response = client.get("/clothes/", headers=bearer(token))
+    expect(response, 401, "6: a token without the version claim")
+
+
+def test_6_logouts_at_once_all_count(client, db):
+    # The increment happens in SQL: logouts that passed the token check at once lose nothing.
+    register(client)
+    tokens = [login(client) for _ in range(6)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        codes = list(
+            pool.map(lambda t: client.post("/logout", headers=bearer(t)).status_code, tokens)
+        )
+    assert set(codes) <= {204, 401}, f"6: each logout answers 204 or 401, got {codes}"
+    assert version_of_ada(db) == codes.count(204), (
+        f"6: {codes.count(204)} logouts answered 204 but token_version is {version_of_ada(db)}: "
+        "count up in SQL (token_version = token_version + 1)"
+    )
+
+
+def test_6_password_change_returns_a_token_and_revokes_the_old_ones(client, db):
+    register(client)
+    old = login(client)
+    change = {"old_password": "correct horse", "new_password": "battery staple"}
+    response = client.post("/password", json=change, headers=bearer(old))
+    expect(response, 200, "6")
+    assert list(response.json()) == ["token"], f"6: answer {{'token': ...}}, got {response.json()}"
+    expect(client.get("/clothes/", headers=bearer(response.json()["token"])), 200, "6")
+    expect_401(client.get("/clothes/", headers=bearer(old)), "Token revoked.", "6")
+    wrong = client.post("/login", json={"email": "ada@example.com", "password": "correct horse"})
+    expect_401(wrong, "Incorrect email or password.", "6: the old password no longer logs in")
+    login(client, password="battery staple")
+
+
+def test_6_wrong_old_password_is_400_and_changes_nothing(client, db):
+    token = register(client)
+    [before] = rows(db, "SELECT * FROM users")
+    change = {"old_password": "wrong horse", "new_password": "battery staple"}
+    response = client.post("/password", json=change, headers=bearer(token))
+    expect(response, 400, "6")
+    assert response.json() == {"detail": "Incorrect password."}
+    assert rows(db, "SELECT * FROM users") == [before], "6: a refused change changes nothing"
+    expect(client.get("/clothes/", headers=bearer(token)), 200, "6: the token still works")
+
+
+@pytest.mark.parametrize(
+    "new_password", ["short", "é" * 37, "pass\x00word"], ids=["short", "74-byte", "nul"]
+)
+def test_6_new_password_is_checked_like_at_register(client, db, new_password):
+    token = register(client)
+    [before] = rows(db, "SELECT * FROM users")
+    change = {"old_password": "correct horse", "new_password": new_password}
+    expect(client.post("/password", json=change, headers=bearer(token)), 422, "6")
+    assert rows(db, "SELECT * FROM users") == [before], "6: a refused change changes nothing"
+
+
+def test_6_password_change_hashes_off_the_event_loop(client, monkeypatch):
+    token = register(client)
+    verified, hashed = loops_during(monkeypatch, "verify"), loops_during(monkeypatch, "hash")
+    change = {"old_password": "correct horse", "new_password": "battery staple"}
+    expect(client.post("/password", json=change, headers=bearer(token)), 200, "6")
+    assert verified == [None] and hashed == [None], (
+        "6: check the old password and hash the new one in a thread (run_hashing); "
+        f"seen {verified} and {hashed}"
+    )
+
+
+def test_6_logout_command_revokes_a_stolen_token(app_dir, db, monkeypatch, capsys):
+    with TestClient(load_app(app_dir).app) as client:
+        token = register(client)
+        run_command(app_dir, monkeypatch, "logout", "ada@example.com")
+        assert "ada@example.com" in capsys.readouterr().out
+        expect_401(client.get("/clothes/", headers=bearer(token)), "Token revoked.", "6")
+
+
+def test_6_logout_command_names_an_unknown_email(app_dir, monkeypatch):
+    with pytest.raises(SystemExit, match="No user with email nobody@example.com."):
+        run_command(app_dir, monkeypatch, "logout", "nobody@example.com")
+
+
+def test_6_a_database_from_before_6_is_refused_at_startup(app_dir, db):
+    run_sql(db, PART_3_USERS.format(more=", role VARCHAR(11) NOT NULL DEFAULT 'user'"))
+    refusal = startup_refusal(load_app(app_dir))
+    assert refusal and "token_version" in refusal and "Appendix H" in refusal, (
+        "6: on a users table without token_version, stop at startup with a message that "
+        f"names the column and Appendix H; got {refusal!r}"
+    )
+
+
+def test_6_openapi_lists_both_routes(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    logout, password = paths.get("/logout", {}).get("post"), paths.get("/password", {}).get("post")
+    assert logout and password, "6: add POST /logout and POST /password"
+    assert logout["tags"] == password["tags"] == ["6 · Going further"]
+    assert set(logout["responses"]) == {"204", "401"}
+    assert set(password["responses"]) == {"200", "400", "401", "422"}
+    assert password["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TokenOut"
+    }
