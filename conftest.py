@@ -59,6 +59,8 @@ def describe(error: BaseException, traceback) -> str:
             return f"{section}: {missing} is missing or comes too late; section {section} adds it"
     if isinstance(error, sqlalchemy.exc.DBAPIError):
         text = f"the database refused a query: {error.orig}"
+    elif isinstance(error, SystemExit) and isinstance(error.code, int):
+        text = f"the command stopped with exit status {error.code}: does main() add it?"
     else:
         text = f"{type(error).__name__}: {error}"
     in_app = [entry for entry in traceback if Path(entry.path) == APP_FILE]
