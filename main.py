@@ -38,8 +38,11 @@ from decouple import RepositoryEnv
 from fastapi import Depends  # 2.2
 from fastapi import FastAPI
 from fastapi import HTTPException  # 1.3
-from fastapi import Request  # 2.1
+from fastapi import Request  # 1.3
 from fastapi import status  # 1.3
+from fastapi.encoders import jsonable_encoder  # 1.3
+from fastapi.exceptions import RequestValidationError  # 1.3
+from fastapi.responses import JSONResponse  # 1.3
 from fastapi.security import HTTPBearer  # 2.1
 from passlib.context import CryptContext
 from pydantic import AfterValidator
@@ -186,7 +189,8 @@ def check_columns() -> None:
             if column.name not in found:
                 raise SystemExit(
                     f"The {table.name} table in the database has no {column.name} column. "
-                    "Add it with a migration: see lesson.md, Appendix H."
+                    "Add it with a migration (lesson.md, Appendix H), or, if the data "
+                    "does not matter, delete the database and start again."
                 )
 
 
@@ -277,6 +281,15 @@ def is_email_taken(error: Exception) -> bool:
         return error.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
     # PostgreSQL: asyncpg for the app's queries, psycopg for the admin command.
     return isinstance(error, (asyncpg.UniqueViolationError, psycopg.errors.UniqueViolation))
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI's own 422 repeats each wrong value: a rejected password must not come back.
+    problems = [{key: value for key, value in e.items() if key != "input"} for e in error.errors()]
+    return JSONResponse(
+        {"detail": jsonable_encoder(problems)}, status.HTTP_422_UNPROCESSABLE_CONTENT
+    )
 
 
 # FastAPI answers 400 to a body it cannot even decode (not UTF-8, say).
@@ -536,9 +549,7 @@ def logout_command(connection, args) -> str:  # 6
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python main.py", description="Manage the lesson app's users."
-    )
+    parser = argparse.ArgumentParser(description="Manage the lesson app's users.")
     commands = parser.add_subparsers(dest="command", required=True)
     roles = [role.name for role in UserRolesEnum]
 

@@ -61,8 +61,10 @@ def file_at(text: str, section: str) -> str:
 
 
 def squeeze_blank_lines(code: str) -> str:
-    # Leaving out a tagged class can put two blank gaps together: keep at most two blank lines.
-    return re.sub(r"\n{4,}", "\n\n\n", code)
+    # Leaving out tagged lines can put two blank gaps together: keep at most two blank
+    # lines between top-level blocks, and one inside a function.
+    code = re.sub(r"\n{4,}", "\n\n\n", code)
+    return re.sub(r"\n\n\n(?=[ \t])", "\n\n", code)
 
 
 def additions(text: str, section: str) -> list[str]:

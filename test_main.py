@@ -281,7 +281,7 @@ def test_1_2_expiry_does_not_depend_on_the_server_timezone(server_far_from_utc, 
 def test_1_2_no_utcnow():
     # Python 3.12 deprecates it; on 3.11 only the source shows it.
     assert not re.search(r"\butcnow\s*\(", APP_FILE.read_text()), (
-        "1.2: use datetime.now(timezone.utc), not datetime.utcnow(): utcnow is deprecated "
+        "1.2: use datetime.now(timezone.utc), not datetime.utcnow(): it is deprecated from 3.12 "
         "and returns a time that does not say it is UTC"
     )
 
@@ -435,6 +435,18 @@ def test_1_3_invalid_registration_is_422_and_stores_nothing(client, db, change):
     assert rows(db, "SELECT id FROM users") == []
 
 
+def refused_password_is_not_sent_back(client, route, section):
+    response = client.post(route, json={**BODY, "password": "secret\x00password"})
+    expect(response, 422, section)
+    assert "secret" not in response.text, (
+        f"{section}: a 422 must not repeat the password it refused: {response.text}"
+    )
+
+
+def test_1_3_a_refused_password_is_not_sent_back(client):
+    refused_password_is_not_sent_back(client, "/register", "1.3")
+
+
 def test_1_3_a_72_byte_password_is_accepted(client):
     register(client, password="é" * 36)
 
@@ -476,6 +488,12 @@ def test_1_3_hashing_runs_off_the_event_loop(client, monkeypatch):
 @pytest.fixture
 def probe(app_dir):
     """2.1 adds no route yet: these tests put oauth2_scheme on a route of their own."""
+    source = APP_FILE.read_text()
+    if "jwt.decode(" in source and "algorithms=" not in source:
+        pytest.fail(
+            '2.1: pass algorithms=["HS256"] to jwt.decode: without it PyJWT refuses every token',
+            pytrace=False,
+        )
     module = load_app(app_dir)
     scheme = module.oauth2_scheme
 
@@ -488,19 +506,11 @@ def probe(app_dir):
         yield client
 
 
-def why_refused(response):
-    """A valid token refused: say which mistake of 2.1 does that."""
-    source = APP_FILE.read_text()
-    if "jwt.decode(" in source and "algorithms=" not in source:
-        return '2.1: pass algorithms=["HS256"] to jwt.decode: without it PyJWT refuses every token'
-    return f"2.1: a valid token was refused: {response.text}"
-
-
 def test_2_1_valid_token_loads_the_user(probe, db):
     register(probe, email="first@example.com")
     token = register(probe)
     response = probe.get("/checkpoint/me", headers=bearer(token))
-    assert response.status_code == 200, why_refused(response)
+    assert response.status_code == 200, f"2.1: a valid token was refused: {response.text}"
     assert response.json() == {
         "sub": str(user_id(db, "ada@example.com")),
         "email": "ada@example.com",
@@ -856,6 +866,10 @@ def test_4_login_checks_one_password_off_the_event_loop(client, monkeypatch, ema
         "4: check the password (or, for an unknown email, a dummy hash) exactly once, "
         f"in a thread, not on the event loop; seen {loops_seen}"
     )
+
+
+def test_4_a_refused_password_is_not_sent_back(client):
+    refused_password_is_not_sent_back(client, "/login", "4")
 
 
 @pytest.mark.parametrize(
