@@ -44,6 +44,7 @@ from fastapi.encoders import jsonable_encoder  # 1.3
 from fastapi.exceptions import RequestValidationError  # 1.3
 from fastapi.responses import JSONResponse  # 1.3
 from fastapi.security import HTTPBearer  # 2.1
+from fastapi_offline import FastAPIOffline
 from passlib.context import CryptContext
 from pydantic import AfterValidator
 from pydantic import BaseModel
@@ -204,7 +205,9 @@ async def lifespan(app: FastAPI):
     engine.dispose()
 
 
-app = FastAPI(
+# FastAPIOffline is FastAPI with the JavaScript, CSS and icon of /docs served by the
+# app itself, not from a CDN: the docs work without the internet.
+app = FastAPIOffline(
     title="Clothes shop - JWT authentication and roles",
     summary="FastAPI REST, part 4: the lesson app.",
     description=(
@@ -214,6 +217,8 @@ app = FastAPI(
         "only an admin may add them."
     ),
     lifespan=lifespan,
+    # No /redoc page: it loads a logo from another host, and the lesson uses /docs only.
+    redoc_url=None,
 )
 
 
