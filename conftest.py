@@ -16,6 +16,7 @@ import sqlalchemy
 
 import steps
 
+
 HERE = Path(__file__).resolve().parent
 APP_FILE = Path(os.environ.get("LESSON_APP", HERE / "main.py")).resolve()
 TEST_SECTION = re.compile(r"test_(\d+)(?:_(\d+))?_")

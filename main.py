@@ -19,6 +19,7 @@ import re  # 2.1
 import secrets  # 1.2
 import sqlite3  # 1.3
 import sys  # 5
+import tempfile  # 1.2
 from concurrent.futures import ThreadPoolExecutor  # 1.3
 from contextlib import asynccontextmanager
 from datetime import datetime  # 1.2
@@ -195,9 +196,20 @@ def check_columns() -> None:
                 )
 
 
+def create_tables() -> None:
+    # create_all looks, then creates: workers that start together could all see no table
+    # and all create it. A lock, held until the commit, lets them in one at a time.
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite locks the whole file
+        elif engine.dialect.name == "postgresql":
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(1)")  # any fixed number
+        metadata.create_all(connection)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    metadata.create_all(engine)
+    create_tables()
     check_columns()
     await database.connect()
     yield
@@ -224,18 +236,35 @@ app = FastAPIOffline(
 
 # --- 1.2 Encode a token ---
 
+
+def load_or_create_secret(path: Path) -> str:
+    """The secret kept in path. The first start makes it; every later start reads it."""
+    if not path.exists():
+        # Write it whole under another name (mkstemp: mode 0600), then link it to path. link
+        # fails if path exists: of workers starting at once one wins, none reads half a file.
+        handle, temporary = tempfile.mkstemp(prefix=path.name, dir=path.parent)
+        with os.fdopen(handle, "w") as file:
+            file.write(secrets.token_urlsafe(32))
+        try:
+            os.link(temporary, path)
+            logging.getLogger(__name__).warning(
+                f"JWT_SECRET is not set: made a random one and kept it in {path}. "
+                "A real deployment sets JWT_SECRET instead."
+            )
+        except FileExistsError:
+            pass  # another worker was first: everybody uses its secret
+        finally:
+            os.remove(temporary)
+    return path.read_text().strip()
+
+
 JWT_SECRET = config("JWT_SECRET", default="")
 JWT_EXPIRES_MINUTES = config("JWT_EXPIRES_MINUTES", cast=int, default=120)
 
 if not JWT_SECRET:
-    # A fresh clone must run, but a secret made up now dies with the process.
-    JWT_SECRET = secrets.token_urlsafe(32)
-    logging.getLogger(__name__).warning(
-        "JWT_SECRET is not set: using a random secret for this process only, "
-        "so every token stops working when the server restarts. "
-        "Copy .env.example to .env and set JWT_SECRET there."
-    )
-elif len(JWT_SECRET.encode()) < 32:
+    # A fresh clone must run, and its tokens must survive restarts and work in every worker.
+    JWT_SECRET = load_or_create_secret(BASE_DIR / ".jwt_secret")
+if len(JWT_SECRET.encode()) < 32:
     # HS256 needs a key of at least 256 bits (RFC 7518, section 3.2).
     raise SystemExit(
         "JWT_SECRET is too short: use at least 32 bytes. Make one with\n"
@@ -577,7 +606,7 @@ def main(argv=None) -> None:
     logout_user.set_defaults(handler=logout_command)  # 6
 
     args = parser.parse_args(argv)
-    metadata.create_all(engine)  # the server may never have run yet
+    create_tables()  # the server may never have run yet
     check_columns()
     with engine.begin() as connection:
         print(args.handler(connection, args))

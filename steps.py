@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+
 MAIN = Path(__file__).resolve().parent / "main.py"
 BANNER = re.compile(r"# --- (\d+(?:\.\d+)?) (.+) ---\n")
 TAG = re.compile(r"  # (\d+(?:\.\d+)?)\n")

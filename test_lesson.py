@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 import steps
 
+
 HERE = Path(__file__).resolve().parent
 MAIN = (HERE / "main.py").read_text()
 LESSON = (HERE / "lesson.md").read_text()

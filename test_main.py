@@ -9,8 +9,9 @@ failure starts with the section to reread (conftest.py writes that line).
 The tests talk to the app through HTTP and to the database through the
 DATABASE_URL they set. Two sections add no route: the 1.2 tests call
 create_access_token with a row they insert, and the 2.1 tests put
-oauth2_scheme on a test route of their own. Each test runs a fresh copy of the app file in a folder of its own, so your
-.env and your database are never read or touched.
+oauth2_scheme on a test route of their own. Each test runs a fresh copy of
+the app file in a folder of its own, so your .env and your database are
+never read or touched.
 """
 
 import asyncio
@@ -20,18 +21,23 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
+from datetime import timedelta
+from datetime import timezone
 from pathlib import Path
 
 import jwt
 import pytest
 import sqlalchemy
-from fastapi import Depends, Request
+from fastapi import Depends
+from fastapi import Request
 from fastapi.testclient import TestClient
 from passlib.context import CryptContext
+
 
 HERE = Path(__file__).resolve().parent
 APP_FILE = Path(os.environ.get("LESSON_APP", HERE / "main.py")).resolve()
@@ -216,6 +222,22 @@ def test_0_dot_env_in_a_parent_folder_is_not_read(app_dir, monkeypatch, tmp_path
     assert not (tmp_path / "parent.db").exists(), "0: read only the .env beside main.py"
 
 
+def test_0_workers_starting_at_once_create_the_tables_once(app_dir, db):
+    # uvicorn --workers 4 starts four apps at once, and each creates the tables: create_all
+    # alone looks, then creates, so two workers can both find no table and both create it.
+    module = load_app(app_dir)
+    start = threading.Barrier(8)
+
+    def start_worker(_):
+        start.wait()
+        module.create_tables()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(start_worker, range(8)))  # list(): re-raises a worker's error
+    tables = set(sqlalchemy.inspect(db).get_table_names())
+    assert {"users", "clothes"} <= tables, f"0: create_tables made {sorted(tables)}"
+
+
 # --- 1.2 Encode a token ------------------------------------------------------------
 
 
@@ -293,12 +315,64 @@ def test_1_2_missing_secret_still_starts_with_a_warning(app_dir, db, monkeypatch
     assert token_for_ada(module, db)
 
 
-def test_1_2_missing_secret_is_random_per_process(app_dir, db, monkeypatch):
+def test_1_2_missing_secret_is_made_once_and_kept(app_dir, monkeypatch):
+    # Another worker of `uvicorn --workers 4`, or a restart, must read the same secret.
+    monkeypatch.delenv("JWT_SECRET")
+    with TestClient(load_app(app_dir).app) as client:
+        token = register(client)
+    with TestClient(load_app(app_dir).app) as client:
+        response = client.get("/clothes/", headers=bearer(token))
+        expect(response, 200, "1.2: without JWT_SECRET, a token still works after a restart")
+    kept = app_dir / ".jwt_secret"
+    assert kept.exists(), "1.2: keep the secret made up in .jwt_secret beside main.py"
+    assert kept.stat().st_mode & 0o777 == 0o600, "1.2: only you may read .jwt_secret (0600)"
+
+
+def test_1_2_missing_secret_says_once_where_it_is_kept(app_dir, monkeypatch, caplog):
+    monkeypatch.delenv("JWT_SECRET")
+    load_app(app_dir)
+    assert str(app_dir / ".jwt_secret") in caplog.text, "1.2: say where the secret is kept"
+    caplog.clear()
+    load_app(app_dir)
+    assert "JWT_SECRET" not in caplog.text, "1.2: say it once, when the file is made"
+
+
+def secrets_read_at_once(module, kept, workers=8):
+    """What each of several workers, started at the same moment, reads as the secret."""
+    start = threading.Barrier(workers)
+
+    def start_worker(_):
+        start.wait()
+        return module.load_or_create_secret(kept)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return set(pool.map(start_worker, range(workers)))
+
+
+def test_1_2_workers_starting_at_once_agree_on_the_secret(app_dir, tmp_path):
+    module = load_app(app_dir)
+    for attempt in range(5):  # a race shows only now and then: try a few times
+        folder = tmp_path / f"empty-{attempt}"
+        folder.mkdir()
+        kept = folder / ".jwt_secret"
+        found = secrets_read_at_once(module, kept)
+        assert found == {kept.read_text()}, f"1.2: 8 workers read {len(found)} secrets"
+        assert len(kept.read_text()) >= 32, "1.2: make it with secrets.token_urlsafe(32)"
+        assert [path.name for path in folder.iterdir()] == [".jwt_secret"], "1.2: no file left"
+
+
+def test_1_2_missing_secret_is_random_per_folder(app_dir, tmp_path, monkeypatch):
     # A made-up secret that anybody could read in main.py would be no secret.
     monkeypatch.delenv("JWT_SECRET")
-    token = token_for_ada(load_app(app_dir), db)
-    with pytest.raises(jwt.InvalidSignatureError):
-        jwt.decode(token, load_app(app_dir).JWT_SECRET, algorithms=["HS256"])
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(app_dir / "main.py", other / "main.py")
+    assert load_app(app_dir).JWT_SECRET != load_app(other).JWT_SECRET
+
+
+def test_1_2_a_set_secret_wins_and_no_file_is_made(app_dir):
+    assert load_app(app_dir).JWT_SECRET == SECRET
+    assert not (app_dir / ".jwt_secret").exists(), "1.2: JWT_SECRET is set: keep no file"
 
 
 def refused_start(app_dir):

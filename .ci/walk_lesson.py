@@ -18,6 +18,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds for any one command: a hung step fails, it does not hang CI
 SHOWN_FAILURES = 5
