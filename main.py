@@ -36,7 +36,7 @@ import sqlalchemy
 from decouple import Config
 from decouple import RepositoryEmpty
 from decouple import RepositoryEnv
-from fastapi import Depends  # 2.2
+from fastapi import Depends  # 2.1
 from fastapi import FastAPI
 from fastapi import HTTPException  # 1.3
 from fastapi import Request  # 1.3
@@ -373,8 +373,19 @@ def unauthorized(detail: str) -> HTTPException:
     )
 
 
+async def one_connection():
+    # databases keeps one connection per asyncio task, and FastAPI runs the dependencies
+    # and the route in the request's task: until the response is sent, their queries
+    # all use this connection, instead of opening one each.
+    async with database.connection():
+        yield
+
+
 class CustomHTTPBearer(HTTPBearer):
-    async def __call__(self, request: Request) -> dict:
+    # Depends(one_connection): the user lookup and the route's queries share one connection.
+    async def __call__(
+        self, request: Request, connection: Annotated[None, Depends(one_connection)]
+    ) -> dict:
         # With two Authorization headers, which one counts depends on who reads them.
         if len(request.headers.getlist("Authorization")) > 1:
             raise unauthorized("Send one Authorization header.")

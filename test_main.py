@@ -30,6 +30,8 @@ from datetime import timedelta
 from datetime import timezone
 from pathlib import Path
 
+import aiosqlite
+import asyncpg
 import jwt
 import pytest
 import sqlalchemy
@@ -686,6 +688,107 @@ def test_2_1_token_of_a_deleted_user_never_passes_to_a_new_user(probe, db):
     run_sql(db, "DELETE FROM users WHERE email = 'leaver@example.com'")
     register(probe, email="newcomer@example.com")  # must not get the leaver's id
     expect_401(probe.get("/checkpoint/me", headers=bearer(token)), "Invalid token.", "2.1")
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    """Count the connections the app takes from the database driver and gives back:
+    aiosqlite opens a new one each time, asyncpg lends one from its pool."""
+    count = {"taken": 0, "given back": 0}
+
+    def counting(function, key):
+        def counted(*args, **kwargs):
+            count[key] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(aiosqlite, "connect", counting(aiosqlite.connect, "taken"))
+    close = counting(aiosqlite.Connection.close, "given back")
+    monkeypatch.setattr(aiosqlite.Connection, "close", close)
+    monkeypatch.setattr(asyncpg.Pool, "acquire", counting(asyncpg.Pool.acquire, "taken"))
+    monkeypatch.setattr(asyncpg.Pool, "release", counting(asyncpg.Pool.release, "given back"))
+    return count
+
+
+def with_test_routes(module):
+    """The app, with two routes of the tests' own behind oauth2_scheme."""
+
+    @module.app.get("/checkpoint/query", dependencies=[Depends(module.oauth2_scheme)])
+    async def one_more_query():
+        return await module.database.fetch_val("SELECT 1")
+
+    @module.app.get("/checkpoint/crash", dependencies=[Depends(module.oauth2_scheme)])
+    async def crash():
+        raise RuntimeError("a bug in a route: a 500")
+
+    return module.app
+
+
+def test_2_1_the_token_check_and_the_route_share_one_connection(app_dir, connections):
+    with TestClient(with_test_routes(load_app(app_dir))) as client:
+        token = register(client)
+        for headers, status_code in [(bearer(token), 200), (bearer("not-a-jwt"), 401)]:
+            taken = connections["taken"]
+            expect(client.get("/checkpoint/query", headers=headers), status_code, "2.1")
+            assert connections["taken"] - taken <= 1, (
+                f"2.1: a request answered {status_code} took {connections['taken'] - taken} "
+                "database connections, one per query: the user lookup and the route share one"
+            )
+            assert connections["given back"] == connections["taken"], (
+                f"2.1: a request answered {status_code} and kept its database connection"
+            )
+
+
+def hung_up(app, path, token):
+    """GET path straight from the ASGI app, for a client that hangs up at once:
+    uvicorn tells the app so (http.disconnect) and drops the answer."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {token}".encode())],
+    }
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    return app(scope, receive, send)
+
+
+def test_2_1_requests_cut_short_give_their_connections_back(app_dir, connections):
+    app = with_test_routes(load_app(app_dir))
+    with TestClient(app) as client:
+        token = register(client)
+
+    async def burst():
+        async with app.router.lifespan_context(app):
+            requests = []
+            for _ in range(10):  # 30 at once: more than asyncpg's pool of 10 connections
+                requests.append(hung_up(app, "/checkpoint/query", token))
+                requests.append(hung_up(app, "/checkpoint/query", "not-a-jwt"))
+                requests.append(hung_up(app, "/checkpoint/crash", token))
+            await asyncio.gather(*requests, return_exceptions=True)
+
+    try:
+        asyncio.run(asyncio.wait_for(burst(), 30))
+    except TimeoutError:
+        pytest.fail("2.1: requests waited 30 s for a database connection", pytrace=False)
+    assert connections["given back"] == connections["taken"], (
+        f"2.1: {connections['taken'] - connections['given back']} database connections "
+        "still taken after a burst of requests cut short"
+    )
 
 
 # --- 2.2 Protect GET /clothes/ ------------------------------------------------------
