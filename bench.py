@@ -3,7 +3,11 @@
 It copies main.py into a temporary directory, starts the real server there
 (uvicorn on 127.0.0.1, a fresh SQLite database, the default bcrypt cost), and
 drives it from this process, so the load never shares the server's event loop.
-Every figure is the median of ROUNDS rounds. The servers stop at the end.
+Two more servers read the same database, for comparison: the app with the token
+check overridden, and a plain sync SQLAlchemy app. Every figure is the median of
+ROUNDS rounds, and each section shows the load average it started at: other
+programs on the machine slow every figure down. The servers stop at the end, then
+the test suite is timed. It prints figures and goals; it asserts nothing.
 """
 
 import http.client
@@ -20,10 +24,10 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date
 from pathlib import Path
 
 import bcrypt
+
 
 ROOT = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1
@@ -31,26 +35,65 @@ ROUNDS = 3
 USER = {"email": "reader@example.com", "password": "password123", "full_name": "Reader"}
 LOGIN = {"email": USER["email"], "password": USER["password"]}
 TEST_COMMAND = [sys.executable, "-m", "pytest", "-W", "error", "-q"]
+goals = []  # (goal, met), for the summary at the end
 
-# The same app on the same data, with the token check overridden: no auth at all.
+# The same app on the same data, with the token check overridden by an async
+# dependency: FastAPI awaits it on the event loop, as it awaits the real one.
 NO_AUTH_SERVER = """
 import sys, uvicorn, main
-main.app.dependency_overrides[main.oauth2_scheme] = lambda: None
+
+async def no_token_check():
+    return None
+
+main.app.dependency_overrides[main.oauth2_scheme] = no_token_check
 uvicorn.run(main.app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+# The same 20 rows read the sync way, without a token: a plain def route (FastAPI
+# runs it in a worker thread), one SQLAlchemy connection per request from the
+# engine's pool, and a response model with the same fields as the app's.
+SYNC_SERVER = """
+import sys
+from datetime import datetime
+
+import sqlalchemy, uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+engine = sqlalchemy.create_engine("sqlite:///clothes.db")
+app = FastAPI()
+
+class Clothes(BaseModel):
+    id: int
+    name: str
+    photo_url: str
+    size: str
+    color: str
+    created_at: datetime
+    last_modified_at: datetime
+
+@app.get("/clothes/", response_model=list[Clothes])
+def get_all_clothes():
+    with engine.connect() as connection:
+        return connection.execute(sqlalchemy.text("SELECT * FROM clothes")).mappings().all()
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
 
 # --- Servers and clients ------------------------------------------------------
 
-def start_server(workdir, no_auth=False):
+
+def start_server(workdir, script=None):
+    """uvicorn main:app, or the given Python script, on a free port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    if no_auth:
-        command = [sys.executable, "-c", NO_AUTH_SERVER, str(port)]
+    if script:
+        command = [sys.executable, "-c", script, str(port)]
     else:
-        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1",
-                   "--port", str(port), "--log-level", "warning"]
+        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
+        command += ["--port", str(port), "--log-level", "warning"]
     server = subprocess.Popen(command, cwd=workdir, env=server_environment(workdir))
     for _ in range(100):
         try:
@@ -109,26 +152,25 @@ def ms(latencies, percent):
 def row(label, *cells):
     """One line of the table: numbers get one decimal, text stays as it is."""
     cells = [f"{cell:.1f}" if isinstance(cell, float) else cell for cell in cells]
-    print(f"   {label:<32}" + "".join(f"{cell:>10}" for cell in cells), flush=True)
+    print(f"   {label:<34}" + "".join(f"{cell:>10}" for cell in cells), flush=True)
+
+
+def heading(text):
+    print(f"\n{text} (load average {os.getloadavg()[0]:.1f})", flush=True)
+
+
+def goal(text, met):
+    goals.append((text, met))
+    print(f"   goal: {text}: {'met' if met else 'MISSED'}", flush=True)
 
 
 def medians(measure, *args):
     """Run a measurement ROUNDS times; return the median of each figure it gives."""
     runs = [measure(*args) for _ in range(ROUNDS)]
-    return [statistics.median(figures) for figures in zip(*runs)]
+    return [statistics.median(figures) for figures in zip(*runs, strict=True)]
 
 
 # --- Measurements -------------------------------------------------------------
-
-def reads(port, token, clients=2 * CORES, each=250):
-    """Why: the busiest route. Many readers at once: requests/s, p50 and p99 in ms."""
-    def reader():
-        client = Client(port)
-        return [client.request("GET", "/clothes/", token=token) for _ in range(each)]
-
-    started = time.perf_counter()
-    latencies = sum(in_threads(clients, reader), [])
-    return len(latencies) / (time.perf_counter() - started), ms(latencies, 50), ms(latencies, 99)
 
 
 def reads_during_logins(port, token, logins, count=300):
@@ -154,6 +196,7 @@ def reads_during_logins(port, token, logins, count=300):
 
 def hashing_rate(port, path, clients=4 * CORES, each=3):
     """Why: every login and register costs one hash. Requests/s with many at once."""
+
     def client():
         connection = Client(port)
         for _ in range(each):
@@ -179,30 +222,45 @@ def one_hash_seconds(cost):
     return statistics.median(times)
 
 
-def test_suite_seconds():
+def tests_seconds(*selection):
     """Why: a slow suite is a suite nobody runs. The README's command, timed."""
-    # No .pytest_cache or __pycache__ left behind in the repository.
-    quiet = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # As a student runs it: SQLite only, on main.py. Leaves no .pytest_cache or __pycache__.
+    skip = ("TEST_DATABASE_URL", "LESSON_APP")
+    environment = {k: v for k, v in os.environ.items() if k not in skip}
+    environment["PYTHONDONTWRITEBYTECODE"] = "1"
+    command = TEST_COMMAND + ["-p", "no:cacheprovider", *selection]
     started = time.perf_counter()
-    run = subprocess.run(TEST_COMMAND + ["-p", "no:cacheprovider"], cwd=ROOT, env=quiet,
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=900
+    )
     lines = (run.stdout.strip() or "no output").splitlines()
-    return time.perf_counter() - started, run.returncode, lines[-1].strip("= ")
+    return time.perf_counter() - started, f"exit status {run.returncode}: {lines[-1].strip('= ')}"
 
 
 # --- The run ------------------------------------------------------------------
 
+
 def prepare(workdir, port):
     """An admin adds 20 clothes; a plain user gets the token the readers send."""
-    subprocess.run([sys.executable, "main.py", "create-user", "admin@example.com"],
-                   cwd=workdir, env=server_environment(workdir), input="password123\n",
-                   text=True, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "main.py", "create-user", "admin@example.com"],
+        cwd=workdir,
+        env=server_environment(workdir),
+        input="password123\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
     client = Client(port)
     client.request("POST", "/login", {"email": "admin@example.com", "password": "password123"})
     admin = json.loads(client.answer)["token"]
     for number in range(20):
-        shirt = {"name": f"Shirt {number}", "photo_url": "https://example.com/s.jpg",
-                 "size": "m", "color": "pink"}
+        shirt = {
+            "name": f"Shirt {number}",
+            "photo_url": "https://example.com/s.jpg",
+            "size": "m",
+            "color": "pink",
+        }
         client.request("POST", "/clothes/", shirt, token=admin, expect=201)
     client.request("POST", "/register", USER, expect=201)
     token = json.loads(client.answer)["token"]
@@ -211,6 +269,76 @@ def prepare(workdir, port):
         query = "SELECT password FROM users WHERE email = ?"
         stored = database.execute(query, (USER["email"],)).fetchone()[0]
     return token, int(stored.split("$")[2])
+
+
+def idle_reads(ports, token):
+    """Why: what one user waits for, and what the token check adds to it."""
+    heading("1. Idle reads: one client sends GET /clothes/ (20 rows), nothing else runs")
+    print("   (the sync app: the same rows from a def route, one SQLAlchemy connection a")
+    print("   request, the same response fields, no token; its own uvicorn server)")
+    row("", "p50 ms", "p90 ms")
+
+    def in_turns():
+        # Round after round in turns, so a slow moment of the machine hits all three alike.
+        return sum((reads_during_logins(port, token, 0)[:2] for port in ports), ())
+
+    figures = medians(in_turns)
+    real, overridden, sync = figures[0:2], figures[2:4], figures[4:6]
+    row("app, with a valid token", *real)
+    row("app, authentication overridden", *overridden)
+    row("sync SQLAlchemy app", *sync)
+    overhead = [real[0] / overridden[0], real[1] / overridden[1]]
+    row("with token / overridden", *[f"{ratio:.2f}" for ratio in overhead])
+    row("with token / sync SQLAlchemy", f"{real[0] / sync[0]:.2f}", f"{real[1] / sync[1]:.2f}")
+    shown = " and ".join(f"{ratio:.2f}" for ratio in overhead)
+    goal(
+        f"auth overhead, with token / overridden, 1.25 or less at p50 and p90: {shown}",
+        max(overhead) <= 1.25,
+    )
+    goal(
+        f"p90 with a token 1.5x the sync SQLAlchemy app's or less: {real[1] / sync[1]:.2f}x",
+        real[1] <= 1.5 * sync[1],
+    )
+
+
+def event_loop_health(port, token):
+    """Why: a login's hash runs in a thread; reads must not queue behind it."""
+    heading("2. Event-loop health: one client reads GET /clothes/ while others log in")
+    row("", "p50 ms", "p90 ms", "p99 ms", "p90/idle")
+    idle = None
+    for logins in (0, CORES, 4 * CORES):
+        p50, p90, p99 = medians(reads_during_logins, port, token, logins)
+        idle = idle or p90  # the first line, with no logins, is the baseline
+        label = f"{logins} logins in flight" if logins else "idle"
+        row(label, p50, p90, p99, f"{p90 / idle:.2f}")
+    goal(f"p90 under {4 * CORES} logins below 1.5x idle: {p90 / idle:.2f}x", p90 < 1.5 * idle)
+
+
+def hashing_throughput(port, cost):
+    """Why: main.py's hashing pool must use every core for logins."""
+    heading(f"3. Login and register throughput, {4 * CORES} clients at once")
+    seconds = one_hash_seconds(cost)
+    ceiling = CORES / seconds
+    print(
+        f"   one hash takes {seconds:.3f} s: {CORES} cores hash at most "
+        f"{ceiling:.1f} per second, the ceiling"
+    )
+    row("", "per s", "ceiling", "share")
+    rates = {path: medians(hashing_rate, port, path)[0] for path in ("/login", "/register")}
+    for path, rate in rates.items():
+        row(f"POST {path}", rate, ceiling, f"{rate / ceiling:.0%}")
+    share = rates["/login"] / ceiling
+    goal(f"logins at 90% of the ceiling or more: {share:.0%}", share >= 0.9)
+
+
+def test_times():
+    heading("4. Tests, SQLite only, wall time with Python's start-up")
+    for selection, limit in ((["-k", "test_2_1"], 3), ([], 10)):
+        command = " ".join(["python", *TEST_COMMAND[1:], *selection])
+        runs = [tests_seconds(*selection) for _ in range(ROUNDS)]
+        took = statistics.median(seconds for seconds, _ in runs)
+        print(f"   {command}: {took:.1f} s, {runs[-1][1]}")
+        goal(f"{command} under {limit} s: {took:.1f} s", took < limit)
 
 
 def main():
@@ -222,58 +350,31 @@ def main():
         server, port = start_server(workdir)
         servers.append(server)
         token, cost = prepare(workdir, port)
-        bare, bare_port = start_server(workdir, no_auth=True)
-        servers.append(bare)
-        for warm_up in (port, bare_port):
-            reads(warm_up, token, each=50)
-
-        load = os.getloadavg()[0]  # other programs running slow every figure down
-        print(f"bench.py, {date.today()}, {CORES} cores (load average {load:.1f} before"
-              f" the run), bcrypt cost {cost}, medians of {ROUNDS} rounds")
-
-        print(f"\n1. Auth overhead: GET /clothes/ (20 rows), {2 * CORES} clients at once")
-        row("", "req/s", "p50 ms", "p99 ms")
-        # In turns, round after round, so a slow moment of the machine hits both alike.
-        both = medians(lambda: reads(port, token) + reads(bare_port, token))
-        with_auth, without = both[:3], both[3:]
-        row("with a valid token", *with_auth)
-        row("authentication overridden", *without)
-        row("overridden / with token", f"{without[0] / with_auth[0]:.2f}")
-        stop_server(servers.pop())
-
-        print("\n2. Event-loop health: one client reads GET /clothes/ while others log in")
-        row("", "p50 ms", "p90 ms", "p99 ms", "p90/idle")
-        idle = None
-        for logins in (0, CORES, 4 * CORES):
-            p50, p90, p99 = medians(reads_during_logins, port, token, logins)
-            idle = idle or p90  # the first line, with no logins, is the baseline
-            label = f"{logins} logins in flight" if logins else "idle"
-            row(label, p50, p90, p99, f"{p90 / idle:.2f}")
-        slowdown = p90 / idle  # with the most logins in flight
-
-        seconds = one_hash_seconds(cost)
-        ceiling = CORES / seconds
-        print(f"\n3. Login and register throughput, {4 * CORES} clients at once")
-        print(f"   one hash takes {seconds:.3f} s: {CORES} cores hash at most "
-              f"{ceiling:.1f} per second, the ceiling")
-        row("", "per s", "ceiling", "share")
-        rates = {path: medians(hashing_rate, port, path)[0] for path in ("/login", "/register")}
-        for path, rate in rates.items():
-            row(f"POST {path}", rate, ceiling, f"{rate / ceiling:.0%}")
-        share = rates["/login"] / ceiling
-
-        # The two sides of main.py's hashing pool: enough threads to use every
-        # core for logins, at a priority low enough that reads still go first.
-        print(f"\n   Balance: reads under {4 * CORES} logins at {slowdown:.2f}x idle p90"
-              f" (goal: below 2), logins at {share:.0%} of the ceiling (goal: 50% or more)")
+        print(
+            f"bench.py, {time.strftime('%Y-%m-%d')}, {CORES} cores, bcrypt cost {cost}, "
+            f"medians of {ROUNDS} rounds"
+        )
+        ports = [port]
+        for script in (NO_AUTH_SERVER, SYNC_SERVER):
+            other, other_port = start_server(workdir, script)
+            servers.append(other)
+            ports.append(other_port)
+        for warm_up in ports:
+            reads_during_logins(warm_up, token, 0, count=100)
+        idle_reads(ports, token)
+        while len(servers) > 1:  # only the real app from here on
+            stop_server(servers.pop())
+        event_loop_health(port, token)
+        hashing_throughput(port, cost)
     finally:
         for server in servers:
             stop_server(server)
         shutil.rmtree(workdir)
-
-    took, status, summary = test_suite_seconds()
-    print(f"\n4. Test suite: {' '.join(['python'] + TEST_COMMAND[1:])}")
-    print(f"   {took:.1f} s, exit status {status}: {summary}")
+    test_times()
+    missed = [text for text, met in goals if not met]
+    print(f"\n{len(goals) - len(missed)} of {len(goals)} goals met" + (":" if missed else "."))
+    for text in missed:
+        print(f"   missed: {text}")
 
 
 if __name__ == "__main__":
