@@ -14,7 +14,7 @@ import asyncio  # 1.3
 import enum
 import getpass  # 5
 import logging  # 1.2
-import os  # 1.3
+import os  # 1.2
 import re  # 2.1
 import secrets  # 1.2
 import sqlite3  # 1.3
