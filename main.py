@@ -166,10 +166,15 @@ def fits_bcrypt(password: str) -> str:
     return password
 
 
+# Every password must fit bcrypt; a new one must also have 8 characters or more.
+Password = Annotated[str, AfterValidator(fits_bcrypt)]
+NewPassword = Annotated[str, Field(min_length=8), AfterValidator(fits_bcrypt)]
+
+
 class UserSignIn(BaseModel):
     # The limits match the columns, so a long value is a 422, not a database error.
     email: EmailStr = Field(max_length=120)
-    password: Annotated[str, Field(min_length=8), AfterValidator(fits_bcrypt)]
+    password: NewPassword
     full_name: str = Field(min_length=1, max_length=200)
     phone: str | None = Field(default=None, max_length=13)
 
@@ -510,7 +515,7 @@ async def create_clothes(clothes_data: ClothesIn):
 
 class UserLogin(BaseModel):
     email: EmailStr
-    password: Annotated[str, AfterValidator(fits_bcrypt)]
+    password: Password
 
 
 @app.post(
@@ -626,13 +631,6 @@ def main(argv=None) -> None:
 # --- 6 Log out and change the password ---
 
 
-async def take_tokens_back(user_id: int) -> None:
-    # One UPDATE that counts up in the database: two logouts at once both count.
-    await database.execute(
-        users.update().where(users.c.id == user_id).values(token_version=users.c.token_version + 1)
-    )
-
-
 @app.post(
     "/logout",
     status_code=status.HTTP_204_NO_CONTENT,
@@ -642,12 +640,17 @@ async def take_tokens_back(user_id: int) -> None:
     summary="6 Log out: every token of this user stops working",
 )
 async def logout(request: Request) -> None:
-    await take_tokens_back(request.state.user["id"])
+    # One UPDATE that counts up in the database: two logouts at once both count.
+    await database.execute(
+        users.update()
+        .where(users.c.id == request.state.user["id"])
+        .values(token_version=users.c.token_version + 1)
+    )
 
 
 class PasswordChange(BaseModel):
-    old_password: Annotated[str, AfterValidator(fits_bcrypt)]
-    new_password: Annotated[str, Field(min_length=8), AfterValidator(fits_bcrypt)]
+    old_password: Password
+    new_password: NewPassword
 
 
 @app.post(
