@@ -392,7 +392,7 @@ def query_costs(workdir, overridden):
     for key, label in labels.items():
         if key in figures:  # sqlite3 and aiosqlite on SQLite only
             row(label, f"{figures[key]:.2f}")
-    # No token check can cost less than its query, so no design on databases can do better.
+    # A token check that loads the user through databases costs at least this query.
     floor = (overridden[0] + figures["databases"]) / overridden[0]
     print(f"   lowest auth overhead a databases query allows: {floor:.2f} at p50")
 
