@@ -10,21 +10,24 @@ lesson's screenshot. One line per check, then "N passed, M failed"; exit 1 if an
 """
 
 import argparse
-import http.client
 import json
-import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 from playwright.sync_api import sync_playwright
+
+# servers is .ci/servers.py, beside this script: the server helpers both checks use.
+from servers import environment
+from servers import report
+from servers import results
+from servers import start_server
+from servers import stop_server
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,59 +49,6 @@ SHIRT = {
     "size": "m",
     "color": "white",
 }
-# Settings come from the .env we write, never from whoever runs this script.
-SETTINGS = ("JWT_SECRET", "DATABASE_URL", "BCRYPT_ROUNDS", "JWT_EXPIRES_MINUTES")
-results = []
-
-
-def report(name, ok, seen):
-    results.append(ok)
-    print(f"{'PASS' if ok else 'FAIL'}  {name}: {seen}", flush=True)
-
-
-# --- The server ---------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def environment():
-    return {k: v for k, v in os.environ.items() if k not in SETTINGS}
-
-
-def start_server(workdir):
-    port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
-    with open(workdir / "server.log", "a") as log:
-        server = subprocess.Popen(
-            command + ["--port", str(port)], cwd=workdir, env=environment(), stdout=log, stderr=log
-        )
-    server.port = port
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            connection.request("GET", "/openapi.json")
-            if connection.getresponse().status == 200:
-                return server
-        except OSError:
-            time.sleep(0.2)
-        finally:
-            connection.close()
-    stop_server(server)
-    raise SystemExit(f"The server did not start: see {workdir / 'server.log'}")
-
-
-def stop_server(server):
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 # --- Swagger UI, as a student clicks it ---------------------------------------

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -30,6 +29,16 @@ from pathlib import Path
 import jwt
 import sqlalchemy
 
+# servers is .ci/servers.py, beside this script: the server helpers both checks use.
+from servers import environment
+from servers import launch
+from servers import report
+from servers import results
+from servers import server_log
+from servers import servers
+from servers import start_server
+from servers import stop_server
+
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_FILE = ROOT / "main.py"  # --app changes it
@@ -37,29 +46,10 @@ SECRET = secrets.token_urlsafe(48)
 PASSWORD = "password123"
 USER = {"email": "user@example.com", "password": PASSWORD, "full_name": "User"}
 LOGIN = {"email": USER["email"], "password": PASSWORD}
-# Settings come from the .env we write, never from whoever runs this script.
-SETTINGS = ("JWT_SECRET", "DATABASE_URL", "BCRYPT_ROUNDS", "JWT_EXPIRES_MINUTES")
-results = []
-servers = []  # every server started, so none outlives this script
 workdirs = []  # every temporary directory, removed at the end if all passed
 
 
-def report(name, ok, seen):
-    results.append(ok)
-    print(f"{'PASS' if ok else 'FAIL'}  {name}: {seen}", flush=True)
-
-
 # --- The server ---------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def environment(**settings):
-    return {**{k: v for k, v in os.environ.items() if k not in SETTINGS}, **settings}
 
 
 def new_workdir():
@@ -68,40 +58,6 @@ def new_workdir():
     shutil.copy(APP_FILE, workdir / "main.py")
     workdirs.append(workdir)
     return workdir
-
-
-def launch(workdir, workers=1, **settings):
-    """uvicorn main:app in workdir, on a free port; its log goes to workdir/server.log."""
-    port = free_port()
-    log_file = workdir / "server.log"
-    log_start = log_file.stat().st_size if log_file.exists() else 0
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--workers", str(workers)]
-    with open(log_file, "a") as log:
-        server = subprocess.Popen(
-            command, cwd=workdir, env=environment(**settings), stdout=log, stderr=log
-        )
-    server.port, server.log_file, server.log_start = port, log_file, log_start
-    servers.append(server)
-    return server
-
-
-def server_log(server):
-    """What this server wrote to its log, and not the servers before it."""
-    return server.log_file.read_bytes()[server.log_start :].decode(errors="replace")
-
-
-def start_server(workdir, **settings):
-    server = launch(workdir, **settings)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if call(server, "GET", "/openapi.json")[0] == 200:
-                return server
-        except OSError:
-            time.sleep(0.2)
-    stop_server(server)
-    raise SystemExit(f"The server did not start: see {workdir / 'server.log'}")
 
 
 def workers_started(server, workers):
@@ -120,15 +76,6 @@ def log_errors(log):
         return ""
     raised = [line for line in log.splitlines() if "Error: " in line and "ERROR" not in line]
     return (raised or ["ERROR in the log"])[0][:100]
-
-
-def stop_server(server):
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def call(server, method, path, body=None, token=None, headers=()):
