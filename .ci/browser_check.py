@@ -24,6 +24,7 @@ from playwright.sync_api import sync_playwright
 
 # servers is .ci/servers.py, beside this script: the server helpers both checks use.
 from servers import environment
+from servers import exit_with_summary
 from servers import report
 from servers import results
 from servers import start_server
@@ -226,8 +227,7 @@ def main():
         shutil.rmtree(workdir)
     else:
         print(f"The server's log and the page are kept in {workdir}")
-    print(f"{results.count(True)} passed, {results.count(False)} failed")
-    sys.exit(0 if all(results) else 1)
+    exit_with_summary()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import sqlalchemy
 
 # servers is .ci/servers.py, beside this script: the server helpers both checks use.
 from servers import environment
+from servers import exit_with_summary
 from servers import launch
 from servers import report
 from servers import results
@@ -430,8 +431,7 @@ def main():
             shutil.rmtree(workdir)
         else:
             print(f"A server's log is kept in {workdir / 'server.log'}")
-    print(f"{results.count(True)} passed, {results.count(False)} failed")
-    sys.exit(0 if all(results) else 1)
+    exit_with_summary()
 
 
 if __name__ == "__main__":

@@ -83,3 +83,9 @@ def stop_server(server):
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+
+
+def exit_with_summary():
+    """The last line of a check script, and its exit status: 1 if any check failed."""
+    print(f"{results.count(True)} passed, {results.count(False)} failed")
+    sys.exit(0 if all(results) else 1)
