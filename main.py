@@ -18,7 +18,7 @@ import os  # 1.2
 import re  # 2.1
 import secrets  # 1.2
 import sqlite3  # 1.3
-import sys  # 5
+import sys
 import tempfile  # 1.2
 from concurrent.futures import ThreadPoolExecutor  # 1.3
 from contextlib import asynccontextmanager
@@ -27,6 +27,8 @@ from datetime import timedelta  # 1.2
 from datetime import timezone  # 1.2
 from pathlib import Path
 from typing import Annotated
+from typing import NoReturn
+from urllib.parse import urlsplit  # 3.2
 
 import asyncpg  # 1.3
 import databases
@@ -36,10 +38,11 @@ import sqlalchemy
 from decouple import Config
 from decouple import RepositoryEmpty
 from decouple import RepositoryEnv
-from fastapi import Depends  # 2.1
+from fastapi import Depends  # 1.3
 from fastapi import FastAPI
 from fastapi import HTTPException  # 1.3
 from fastapi import Request  # 1.3
+from fastapi import Response  # 1.3
 from fastapi import status  # 1.3
 from fastapi.encoders import jsonable_encoder  # 1.3
 from fastapi.exceptions import RequestValidationError  # 1.3
@@ -171,12 +174,25 @@ Password = Annotated[str, AfterValidator(fits_bcrypt)]
 NewPassword = Annotated[str, Field(min_length=8), AfterValidator(fits_bcrypt)]
 
 
+def no_control_characters(text: str) -> str:
+    # NUL, tab, newline and the other C0 controls have no place in a name or a phone
+    # number, and PostgreSQL refuses NUL outright: a 422 here, not a 500 there.
+    if any(ord(character) < 32 for character in text):
+        raise ValueError("must not contain control characters")
+    return text
+
+
+PlainText = Annotated[str, AfterValidator(no_control_characters)]
+# Stored lowercased, so Ada@example.com and ada@example.com are one account.
+Email = Annotated[EmailStr, Field(max_length=120), AfterValidator(str.lower)]
+
+
 class UserSignIn(BaseModel):
     # The limits match the columns, so a long value is a 422, not a database error.
-    email: EmailStr = Field(max_length=120)
+    email: Email
     password: NewPassword
-    full_name: str = Field(min_length=1, max_length=200)
-    phone: str | None = Field(default=None, max_length=13)
+    full_name: PlainText = Field(min_length=1, max_length=200)
+    phone: PlainText | None = Field(default=None, max_length=13)
 
 
 # --- 0 Password hashing ---
@@ -187,6 +203,17 @@ pwd_context = CryptContext(schemes=["bcrypt"], bcrypt__rounds=BCRYPT_ROUNDS)
 # --- 0 App ---
 
 
+# uvicorn's exit status for "cannot start": with --workers, its supervisor then stops
+# instead of starting the worker again and again.
+STARTUP_FAILURE = 3
+
+
+def refuse_to_start(message: str) -> NoReturn:
+    # Something the person starting the app must fix: one clear message, no traceback.
+    print(message, file=sys.stderr)
+    raise SystemExit(STARTUP_FAILURE)
+
+
 def check_columns() -> None:
     # create_all adds missing tables, never missing columns: stop now, not with a 500 later.
     inspector = sqlalchemy.inspect(engine)
@@ -194,7 +221,7 @@ def check_columns() -> None:
         found = {column["name"] for column in inspector.get_columns(table.name)}
         for column in table.columns:
             if column.name not in found:
-                raise SystemExit(
+                refuse_to_start(
                     f"The {table.name} table in the database has no {column.name} column. "
                     "Add it with a migration (lesson.md, Appendix H), or, if the data "
                     "does not matter, delete the database and start again."
@@ -212,10 +239,30 @@ def create_tables() -> None:
         metadata.create_all(connection)
 
 
+class StartupChecks:
+    """Create and check the tables before the app starts; refuse clearly if they are wrong.
+
+    An ASGI middleware, not part of the lifespan: Starlette reports whatever the lifespan
+    raises with a traceback. The ASGI way to refuse is "lifespan.startup.failed".
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            try:
+                create_tables()
+                check_columns()
+            except SystemExit:
+                await receive()  # the server's "lifespan.startup"
+                await send({"type": "lifespan.startup.failed", "message": ""})
+                raise
+        await self.app(scope, receive, send)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    create_tables()
-    check_columns()
     await database.connect()
     yield
     await database.disconnect()
@@ -237,6 +284,7 @@ app = FastAPIOffline(
     # No /redoc page: it loads a logo from another host, and the lesson uses /docs only.
     redoc_url=None,
 )
+app.add_middleware(StartupChecks)
 
 
 # --- 1.2 Encode a token ---
@@ -260,7 +308,13 @@ def load_or_create_secret(path: Path) -> str:
             pass  # another worker was first: everybody uses its secret
         finally:
             os.remove(temporary)
-    return path.read_text().strip()
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        refuse_to_start(
+            f"Cannot read the secret kept in {path} ({error}). Delete the file to make a "
+            "new one (tokens signed with the old one stop working), or set JWT_SECRET."
+        )
 
 
 JWT_SECRET = config("JWT_SECRET", default="")
@@ -271,7 +325,7 @@ if not JWT_SECRET:
     JWT_SECRET = load_or_create_secret(BASE_DIR / ".jwt_secret")
 if len(JWT_SECRET.encode()) < 32:
     # HS256 needs a key of at least 256 bits (RFC 7518, section 3.2).
-    raise SystemExit(
+    refuse_to_start(
         "JWT_SECRET is too short: use at least 32 bytes. Make one with\n"
         '    python -c "import secrets; print(secrets.token_urlsafe(32))"'
     )
@@ -307,6 +361,11 @@ async def run_hashing(function, *args):
 
 class TokenOut(BaseModel):
     token: str
+
+
+def no_store(response: Response) -> None:
+    # A token works like a password: no browser or proxy may keep a copy (RFC 6749, 5.1).
+    response.headers["Cache-Control"] = "no-store"
 
 
 class ErrorOut(BaseModel):
@@ -348,6 +407,7 @@ BAD_BODY = {
         **BAD_BODY,
         status.HTTP_409_CONFLICT: {"model": ErrorOut, "description": "Email taken"},
     },
+    dependencies=[Depends(no_store)],
     tags=["1 · JWT"],
     summary="1.3 Register a user and get a token",
 )
@@ -367,8 +427,10 @@ async def create_user(user: UserSignIn):
 
 # --- 2.1 The custom HTTPBearer class ---
 
-# A user id we issued: a positive whole number that fits the id column.
-USER_ID_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
+# A user id we issued: a positive whole number, small enough for the id column
+# (PostgreSQL's INTEGER holds up to 2**31 - 1; a larger one would be a 500 there).
+USER_ID_PATTERN = re.compile(r"[1-9][0-9]{0,9}")
+MAX_USER_ID = 2**31 - 1
 
 
 def unauthorized(detail: str) -> HTTPException:
@@ -408,7 +470,7 @@ class CustomHTTPBearer(HTTPBearer):
             raise unauthorized("Token expired.")
         except jwt.InvalidTokenError:
             raise unauthorized("Invalid token.")
-        if not USER_ID_PATTERN.fullmatch(payload["sub"]):
+        if not USER_ID_PATTERN.fullmatch(payload["sub"]) or int(payload["sub"]) > MAX_USER_ID:
             raise unauthorized("Invalid token.")
         user = await database.fetch_one(users.select().where(users.c.id == int(payload["sub"])))
         # The user may have been deleted since the token was issued.
@@ -484,8 +546,18 @@ async def is_admin(request: Request, payload: Annotated[dict, Depends(oauth2_sch
         )
 
 
+def is_web_address(url: str) -> str:
+    # Every user sees photo_url, maybe as a link: http and https only, no javascript:.
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return url
+
+
 class ClothesIn(ClothesBase):
-    pass
+    # Checked on the way in only: rows stored before these rules still list.
+    name: PlainText = Field(min_length=1, max_length=120)
+    photo_url: Annotated[PlainText, AfterValidator(is_web_address)] = Field(max_length=255)
 
 
 NOT_ALLOWED = {
@@ -514,7 +586,7 @@ async def create_clothes(clothes_data: ClothesIn):
 
 
 class UserLogin(BaseModel):
-    email: EmailStr
+    email: Email
     password: Password
 
 
@@ -528,6 +600,7 @@ class UserLogin(BaseModel):
             "description": "Unknown email or wrong password",
         },
     },
+    dependencies=[Depends(no_store)],
     tags=["4 · Logging in"],
     summary="4 Log in with email and password and get a token",
 )
@@ -613,12 +686,13 @@ def main(argv=None) -> None:
     create.set_defaults(handler=create_user_command)
 
     set_role = commands.add_parser("set-role", help="change an existing user's role")
-    set_role.add_argument("email")
+    # Emails are stored lowercased (Email, in 0): look them up the same way.
+    set_role.add_argument("email", type=str.lower)
     set_role.add_argument("role", choices=roles)
     set_role.set_defaults(handler=set_role_command)
 
     logout_user = commands.add_parser("logout", help="revoke every token of a user")  # 6
-    logout_user.add_argument("email")  # 6
+    logout_user.add_argument("email", type=str.lower)  # 6
     logout_user.set_defaults(handler=logout_command)  # 6
 
     args = parser.parse_args(argv)
@@ -656,7 +730,6 @@ class PasswordChange(BaseModel):
 @app.post(
     "/password",
     response_model=TokenOut,
-    dependencies=[Depends(oauth2_scheme)],
     responses={
         status.HTTP_400_BAD_REQUEST: {
             "model": ErrorOut,
@@ -664,6 +737,7 @@ class PasswordChange(BaseModel):
         },
         **NOT_AUTHENTICATED,
     },
+    dependencies=[Depends(oauth2_scheme), Depends(no_store)],
     tags=["6 · Going further"],
     summary="6 Change the password: older tokens stop working, here is a new one",
 )
@@ -672,12 +746,16 @@ async def change_password(change: PasswordChange, request: Request):
     if not await run_hashing(pwd_context.verify, change.old_password, user["password"]):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Incorrect password.")
     new_hash = await run_hashing(pwd_context.hash, change.new_password)
-    await database.execute(
+    # Only if the token is still current: a logout or another change may have come
+    # while we were hashing. The check and the write are one statement, so no race.
+    changed = await database.fetch_one(
         users.update()
-        .where(users.c.id == user["id"])
+        .where(users.c.id == user["id"], users.c.token_version == user["token_version"])
         .values(password=new_hash, token_version=users.c.token_version + 1)
+        .returning(*users.c)
     )
-    changed = await database.fetch_one(users.select().where(users.c.id == user["id"]))
+    if changed is None:
+        raise unauthorized("Token revoked.")
     return {"token": create_access_token(changed)}
 
 

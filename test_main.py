@@ -377,28 +377,43 @@ def test_1_2_a_set_secret_wins_and_no_file_is_made(app_dir):
     assert not (app_dir / ".jwt_secret").exists(), "1.2: JWT_SECRET is set: keep no file"
 
 
-def refused_start(app_dir):
-    """The SystemExit that stops the app from starting; a failure if nothing stops it."""
+def refused_start(app_dir, capsys, why):
+    """What the app printed when it refused to start; a failure if nothing stopped it."""
+    capsys.readouterr()
     try:
         load_app(app_dir)
     except SystemExit as stopped:
-        return stopped
-    pytest.fail("1.2: a JWT_SECRET shorter than 32 bytes must stop the app", pytrace=False)
+        assert stopped.code == 3, (
+            f"1.2: refuse with refuse_to_start (exit status 3, uvicorn's STARTUP_FAILURE, so "
+            f"that --workers stops too), not with exit status {stopped.code!r}"
+        )
+        return capsys.readouterr().err
+    pytest.fail(f"1.2: {why} must stop the app", pytrace=False)
 
 
 @pytest.mark.parametrize("length", [31, 32])
-def test_1_2_secret_needs_32_bytes(app_dir, monkeypatch, length):
+def test_1_2_secret_needs_32_bytes(app_dir, monkeypatch, capsys, length):
     monkeypatch.setenv("JWT_SECRET", "s" * length)
     if length < 32:
-        refused_start(app_dir)
+        refused_start(app_dir, capsys, "a JWT_SECRET shorter than 32 bytes")
     else:
         load_app(app_dir)  # no SystemExit: 32 bytes is enough
 
 
-def test_1_2_short_secret_stops_startup_with_advice(app_dir, monkeypatch):
+def test_1_2_short_secret_stops_startup_with_advice(app_dir, monkeypatch, capsys):
     monkeypatch.setenv("JWT_SECRET", "too-short")
-    stopped = refused_start(app_dir)
-    assert "secrets.token_urlsafe" in str(stopped), "1.2: say how to make a good secret"
+    printed = refused_start(app_dir, capsys, "a JWT_SECRET shorter than 32 bytes")
+    assert "secrets.token_urlsafe" in printed, "1.2: say how to make a good secret"
+    assert "Traceback" not in printed, "1.2: one clear message, no traceback"
+
+
+def test_1_2_a_kept_secret_that_is_not_text_stops_startup_clearly(app_dir, monkeypatch, capsys):
+    monkeypatch.delenv("JWT_SECRET")
+    (app_dir / ".jwt_secret").write_bytes(b"\xff\xfe not text")
+    printed = refused_start(app_dir, capsys, "a .jwt_secret that is not text")
+    assert ".jwt_secret" in printed and "Delete" in printed and "JWT_SECRET" in printed, (
+        f"1.2: name the file and say how to fix it; printed {printed!r}"
+    )
 
 
 def test_1_2_dot_env_secret_is_read(app_dir, db, monkeypatch):
@@ -490,6 +505,9 @@ def test_1_3_only_a_taken_email_is_409(app_dir, db):
         {"full_name": "x" * 201},
         {"full_name": ""},
         {"email": ("a" * 110) + "@example.com"},  # longer than the column
+        {"full_name": "Ada\x00Lovelace"},  # PostgreSQL refuses NUL: a 500 there
+        {"phone": "+359\x00888"},
+        {"full_name": "Ada\nLovelace"},  # no control characters in a name
     ],
     ids=[
         "bad-email",
@@ -501,6 +519,9 @@ def test_1_3_only_a_taken_email_is_409(app_dir, db):
         "long-name",
         "empty-name",
         "long-email",
+        "nul-name",
+        "nul-phone",
+        "newline-name",
     ],
 )
 def test_1_3_invalid_registration_is_422_and_stores_nothing(client, db, change):
@@ -509,6 +530,25 @@ def test_1_3_invalid_registration_is_422_and_stores_nothing(client, db, change):
     body = {key: value for key, value in body.items() if value is not None}
     expect(client.post("/register", json=body), 422, "1.3")
     assert rows(db, "SELECT id FROM users") == []
+
+
+def test_1_3_one_account_per_email_whatever_its_letter_case(client, db):
+    register(client, email="Ada@Example.com")
+    assert [row["email"] for row in rows(db, "SELECT email FROM users")] == ["ada@example.com"], (
+        "1.3: store the email lowercased (the Email type in 0)"
+    )
+    body = {**BODY, "email": "ADA@example.com"}
+    expect(client.post("/register", json=body), 409, "1.3: the same email in capitals")
+    assert len(rows(db, "SELECT id FROM users")) == 1, "1.3: one email, one account"
+
+
+def test_1_3_a_token_answer_is_never_cached(client):
+    response = client.post("/register", json=BODY)
+    expect(response, 201, "1.3")
+    assert response.headers.get("cache-control") == "no-store", (
+        "1.3: an answer with a token says Cache-Control: no-store (RFC 6749, 5.1): "
+        "add dependencies=[Depends(no_store)]"
+    )
 
 
 def refused_password_is_not_sent_back(client, route, section):
@@ -629,6 +669,9 @@ def test_2_1_expired_token_is_401_token_expired(probe, db):
         make_token({"sub": "ada", "exp": in_one_hour()}),
         make_token({"sub": "1 OR 1=1", "exp": in_one_hour()}),
         make_token({"sub": "9" * 40, "exp": in_one_hour()}),
+        # Beyond PostgreSQL's INTEGER (2**31 - 1): a 500 there if it reached the query.
+        make_token({"sub": "2147483648", "exp": in_one_hour()}),
+        make_token({"sub": "99999999999", "exp": in_one_hour()}),
         "not-a-jwt",
         "a.b.c",
         "x" * 10_000,
@@ -642,6 +685,8 @@ def test_2_1_expired_token_is_401_token_expired(probe, db):
         "text-sub",
         "sql-sub",
         "huge-sub",
+        "sub-past-int32",
+        "sub-of-11-digits",
         "garbage",
         "three-parts",
         "10kB",
@@ -863,28 +908,42 @@ PART_3_USERS = (
 )
 
 
-def startup_refusal(module):
-    """Why the app refuses to start (the SystemExit of its lifespan), or None if it starts."""
+def startup_refusal(module, capsys):
+    """What the app prints when it refuses to start, as uvicorn starts it; None if it starts.
 
-    async def start_and_stop():
-        async with module.app.router.lifespan_context(module.app):
-            pass
+    It speaks the ASGI lifespan protocol, as uvicorn does: the app must answer
+    "lifespan.startup.failed" and stop with exit status 3, uvicorn's STARTUP_FAILURE.
+    """
+    to_app = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    from_app = []
 
+    async def receive():
+        return next(to_app)
+
+    async def send(message):
+        from_app.append(message["type"])
+
+    capsys.readouterr()
     try:
-        asyncio.run(start_and_stop())
+        asyncio.run(module.app({"type": "lifespan", "state": {}}, receive, send))
     except SystemExit as stopped:
-        return str(stopped)
+        assert (stopped.code, from_app) == (3, ["lifespan.startup.failed"]), (
+            "0: refuse in StartupChecks with refuse_to_start: uvicorn must hear "
+            f"lifespan.startup.failed and see exit status 3; got {stopped.code!r}, {from_app}"
+        )
+        return capsys.readouterr().err
     return None
 
 
-def test_3_1_a_part_3_database_is_refused_at_startup(app_dir, db):
+def test_3_1_a_part_3_database_is_refused_at_startup(app_dir, db, capsys):
     # create_all leaves an existing table as it is: the role column would be missing.
     run_sql(db, PART_3_USERS.format(more=""))
-    refusal = startup_refusal(load_app(app_dir))
+    refusal = startup_refusal(load_app(app_dir), capsys)
     assert refusal and "role" in refusal and "Appendix H" in refusal, (
         "3.1: on a users table without role, stop at startup with a message that names the "
         f"column and Appendix H (check_columns in 0), not with a 500 later; got {refusal!r}"
     )
+    assert "Traceback" not in refusal, "3.1: one clear message, no traceback"
 
 
 # --- 3.2 The is_admin dependency ------------------------------------------------------
@@ -975,8 +1034,31 @@ def test_3_2_role_is_read_from_the_database_on_every_request(client, db):
         {"name": ""},
         {"name": "x" * 121},
         {"photo_url": "https://example.com/" + "x" * 250},
+        {"name": "Linen\x00shirt"},  # PostgreSQL refuses NUL: a 500 there
+        {"name": "Linen\nshirt"},
+        {"photo_url": "javascript:alert(1)"},  # shown to every user, maybe as a link
+        {"photo_url": "data:text/html,<script>alert(1)</script>"},
+        {"photo_url": "ftp://example.com/shirt.jpg"},
+        {"photo_url": "example.com/shirt.jpg"},
+        {"photo_url": "https://"},
+        {"photo_url": "https://example.com/\x00.jpg"},
     ],
-    ids=["bad-size", "bad-color", "no-name", "empty-name", "long-name", "long-photo-url"],
+    ids=[
+        "bad-size",
+        "bad-color",
+        "no-name",
+        "empty-name",
+        "long-name",
+        "long-photo-url",
+        "nul-name",
+        "newline-name",
+        "javascript-url",
+        "data-url",
+        "ftp-url",
+        "no-scheme",
+        "no-host",
+        "nul-url",
+    ],
 )
 def test_3_2_invalid_clothes_are_422(client, db, change):
     token = register(client)
@@ -985,6 +1067,28 @@ def test_3_2_invalid_clothes_are_422(client, db, change):
     body = {key: value for key, value in body.items() if value is not None}
     expect(client.post("/clothes/", json=body, headers=bearer(token)), 422, "3.2")
     assert rows(db, "SELECT id FROM clothes") == []
+
+
+def test_3_2_http_and_https_photos_are_accepted(client, db):
+    token = register(client)
+    set_role(db, "ada@example.com", "admin")
+    for url in ("http://example.com/a.jpg", "HTTPS://EXAMPLE.COM/B.JPG"):
+        response = client.post("/clothes/", json={**SHIRT, "photo_url": url}, headers=bearer(token))
+        expect(response, 201, "3.2: an http or https photo URL")
+        assert response.json()["photo_url"] == url, "3.2: store the URL as it was sent"
+
+
+def test_3_2_rows_from_before_the_rules_still_list(client, db):
+    # The new rules check what comes in; rows already stored must still be listed.
+    token = register(client)
+    run_sql(
+        db,
+        "INSERT INTO clothes (name, color, size, photo_url) "
+        "VALUES ('Old\tscarf', 'pink', 'xl', 'u')",
+    )
+    response = client.get("/clothes/", headers=bearer(token))
+    expect(response, 200, "3.2: put the new rules on ClothesIn, not on ClothesBase")
+    assert response.json()[0]["name"] == "Old\tscarf"
 
 
 def test_3_2_openapi_declares_401_and_403(client):
@@ -1018,6 +1122,23 @@ def test_4_login_returns_a_working_token(client):
 def test_4_bad_login_is_one_and_the_same_401(client, credentials):
     register(client)
     expect_401(client.post("/login", json=credentials), "Incorrect email or password.", "4")
+
+
+def test_4_login_ignores_the_letter_case_of_the_email(client, db):
+    register(client)
+    response = client.post("/login", json={"email": "ADA@Example.com", "password": "correct horse"})
+    expect(response, 200, "4: log in with the email in capitals (the Email type)")
+    payload = jwt.decode(response.json()["token"], SECRET, algorithms=["HS256"])
+    assert payload["sub"] == str(user_id(db, "ada@example.com"))
+
+
+def test_4_a_token_answer_is_never_cached(client):
+    register(client)
+    response = client.post("/login", json={"email": "ada@example.com", "password": "correct horse"})
+    expect(response, 200, "4")
+    assert response.headers.get("cache-control") == "no-store", (
+        "4: an answer with a token says Cache-Control: no-store: Depends(no_store), as in 1.3"
+    )
 
 
 def test_4_login_token_belongs_to_that_user(client, db):
@@ -1149,6 +1270,24 @@ def test_5_create_user_makes_an_admin_by_default(app_dir, db, monkeypatch):
     assert user["role"] == "admin", "5: create-user without --role makes an admin"
 
 
+def test_5_commands_take_an_email_in_any_letter_case(app_dir, db, monkeypatch, capsys):
+    run_command(app_dir, monkeypatch, "create-user", "Boss@Example.com", "--role", "user")
+    [user] = rows(db, "SELECT email FROM users")
+    assert user["email"] == "boss@example.com", "5: create-user stores the email lowercased"
+    with pytest.raises(SystemExit, match="boss@example.com is taken"):
+        run_command(app_dir, monkeypatch, "create-user", "BOSS@example.com")
+    run_command(app_dir, monkeypatch, "set-role", "BOSS@EXAMPLE.COM", "admin")
+    assert rows(db, "SELECT role FROM users")[0]["role"] == "admin", (
+        "5: set-role finds the user whatever the letter case (type=str.lower)"
+    )
+
+
+def test_5_create_user_refuses_control_characters(app_dir, db, monkeypatch):
+    with pytest.raises(SystemExit, match="full_name"):
+        run_command(app_dir, monkeypatch, "create-user", "b@example.com", "--full-name", "B\x00b")
+    assert rows(db, "SELECT id FROM users") == []
+
+
 def test_5_unknown_role_is_refused(app_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         run_command(app_dir, monkeypatch, "set-role", "ada@example.com", "owner")
@@ -1245,6 +1384,68 @@ def test_6_new_password_is_checked_like_at_register(client, db, new_password):
     assert rows(db, "SELECT * FROM users") == [before], "6: a refused change changes nothing"
 
 
+def test_6_a_password_change_answer_is_never_cached(client):
+    token = register(client)
+    change = {"old_password": "correct horse", "new_password": "battery staple"}
+    response = client.post("/password", json=change, headers=bearer(token))
+    expect(response, 200, "6")
+    assert response.headers.get("cache-control") == "no-store", (
+        "6: the answer holds a token: Cache-Control: no-store (Depends(no_store), as in 1.3)"
+    )
+
+
+def hashing_waits_for(monkeypatch, step):
+    """While /password hashes its new password, run step() first: a request racing it."""
+    real_hash = CryptContext.hash
+
+    def hash_after_step(self, secret, **kwargs):
+        step()
+        return real_hash(self, secret, **kwargs)
+
+    monkeypatch.setattr(CryptContext, "hash", hash_after_step)
+
+
+def test_6_two_password_changes_at_once_with_one_token_one_wins(client, db, monkeypatch):
+    token = register(client)
+    # Both requests pass the token check before either writes: the race the issue saw.
+    both_hashing = threading.Barrier(2, timeout=10)
+    hashing_waits_for(monkeypatch, both_hashing.wait)
+
+    def change(new_password):
+        body = {"old_password": "correct horse", "new_password": new_password}
+        return client.post("/password", json=body, headers=bearer(token))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = list(pool.map(change, ["battery staple", "tr0ub4dor&3"]))
+    codes = sorted(answer.status_code for answer in answers)
+    assert codes == [200, 401], (
+        "6: of two changes with one token exactly one wins: update only WHERE token_version "
+        f"is still the token's, and answer 401 when no row changed; got {codes}"
+    )
+    [winner] = [answer for answer in answers if answer.status_code == 200]
+    [loser] = [answer for answer in answers if answer.status_code == 401]
+    assert loser.json() == {"detail": "Token revoked."}
+    expect(client.get("/clothes/", headers=bearer(winner.json()["token"])), 200, "6")
+    assert version_of_ada(db) == 1, "6: only the winner's change was written"
+    won = "battery staple" if answers[0].status_code == 200 else "tr0ub4dor&3"
+    login(client, password=won)
+
+
+def test_6_a_change_overtaken_by_a_logout_changes_nothing(client, db, monkeypatch):
+    token = register(client)
+    [before] = rows(db, "SELECT password FROM users")
+    logged_out = []
+    hashing_waits_for(
+        monkeypatch, lambda: logged_out.append(client.post("/logout", headers=bearer(token)))
+    )
+    change = {"old_password": "correct horse", "new_password": "battery staple"}
+    response = client.post("/password", json=change, headers=bearer(token))
+    assert [answer.status_code for answer in logged_out] == [204]
+    expect_401(response, "Token revoked.", "6: a logout answered 204 while the change hashed")
+    assert rows(db, "SELECT password FROM users") == [before], "6: the password stays"
+    login(client)  # the old password still logs in
+
+
 def test_6_password_change_hashes_off_the_event_loop(client, monkeypatch):
     token = register(client)
     verified, hashed = loops_during(monkeypatch, "verify"), loops_during(monkeypatch, "hash")
@@ -1269,9 +1470,9 @@ def test_6_logout_command_names_an_unknown_email(app_dir, monkeypatch):
         run_command(app_dir, monkeypatch, "logout", "nobody@example.com")
 
 
-def test_6_a_database_from_before_6_is_refused_at_startup(app_dir, db):
+def test_6_a_database_from_before_6_is_refused_at_startup(app_dir, db, capsys):
     run_sql(db, PART_3_USERS.format(more=", role VARCHAR(11) NOT NULL DEFAULT 'user'"))
-    refusal = startup_refusal(load_app(app_dir))
+    refusal = startup_refusal(load_app(app_dir), capsys)
     assert refusal and "token_version" in refusal and "Appendix H" in refusal, (
         "6: on a users table without token_version, stop at startup with a message that "
         f"names the column and Appendix H; got {refusal!r}"
