@@ -99,6 +99,16 @@ def test_lesson_links_point_at_headings():
     assert not broken, f"lesson.md links to headings it does not have: {broken}"
 
 
+def test_lesson_shows_the_core_flow_as_a_sequence_diagram():
+    diagrams = re.findall(r"^```mermaid\n(.*?)^```$", LESSON, flags=re.M | re.S)
+    core = LESSON[: CORE_END.search(LESSON).start()]
+    assert diagrams and diagrams[0] in core, "lesson.md should show the flow as a Mermaid diagram"
+    flow = diagrams[0]
+    assert flow.startswith("sequenceDiagram\n")
+    for step in ("/login", "Bearer", "401", "403", "is_admin"):
+        assert step in flow, f"the diagram should show {step}"
+
+
 def test_lesson_images_exist():
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", LESSON):
         assert (HERE / image).is_file(), f"lesson.md shows {image}, which is not in the repo"
