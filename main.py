@@ -13,6 +13,7 @@ import argparse  # 5
 import asyncio  # 1.3
 import enum
 import getpass  # 5
+import hashlib  # 7
 import logging  # 1.2
 import os  # 1.2
 import re  # 2.1
@@ -361,6 +362,7 @@ async def run_hashing(function, *args):
 
 class TokenOut(BaseModel):
     token: str
+    refresh_token: str  # 7
 
 
 def no_store(response: Response) -> None:
@@ -422,7 +424,10 @@ async def create_user(user: UserSignIn):
         # The unique column decides, so two requests at once cannot both win.
         raise HTTPException(status.HTTP_409_CONFLICT, "A user with this email already exists.")
     new_user = await database.fetch_one(users.select().where(users.c.id == id_))
-    return {"token": create_access_token(new_user)}
+    return {
+        "token": create_access_token(new_user),
+        "refresh_token": await start_session(new_user),  # 7
+    }
 
 
 # --- 2.1 The custom HTTPBearer class ---
@@ -613,7 +618,10 @@ async def login(credentials: UserLogin):
         password_ok = await run_hashing(pwd_context.verify, credentials.password, user["password"])
     if not password_ok:
         raise unauthorized("Incorrect email or password.")
-    return {"token": create_access_token(user)}
+    return {
+        "token": create_access_token(user),
+        "refresh_token": await start_session(user),  # 7
+    }
 
 
 # --- 5 Making an admin ---
@@ -756,7 +764,169 @@ async def change_password(change: PasswordChange, request: Request):
     )
     if changed is None:
         raise unauthorized("Token revoked.")
-    return {"token": create_access_token(changed)}
+    return {
+        "token": create_access_token(changed),
+        "refresh_token": await start_session(changed),  # 7
+    }
+
+
+# --- 7 Refresh tokens ---
+
+REFRESH_EXPIRES_DAYS = config("REFRESH_EXPIRES_DAYS", cast=int, default=14)
+# However often it is refreshed, a login lasts at most this long: then log in again.
+SESSION_EXPIRES_DAYS = config("SESSION_EXPIRES_DAYS", cast=int, default=30)
+
+refresh_tokens = sqlalchemy.Table(
+    "refresh_tokens",
+    metadata,
+    sqlalchemy.Column("id", sqlalchemy.Integer, primary_key=True),
+    sqlalchemy.Column(
+        "user_id", sqlalchemy.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    ),
+    # Every token refreshed from one login shares that login's family.
+    sqlalchemy.Column("family", sqlalchemy.String(32), nullable=False, index=True),
+    # Only a SHA-256 of the token: a copy of the database holds no token that works.
+    sqlalchemy.Column("token_hash", sqlalchemy.String(64), nullable=False, unique=True),
+    # The user's token_version at login: a logout or a new password ends the family too.
+    sqlalchemy.Column("token_version", sqlalchemy.Integer, nullable=False),
+    sqlalchemy.Column(
+        "created_at",
+        sqlalchemy.DateTime(timezone=True),
+        nullable=False,
+        server_default=sqlalchemy.func.now(),
+    ),
+    sqlalchemy.Column("expires_at", sqlalchemy.DateTime(timezone=True), nullable=False),
+    sqlalchemy.Column(
+        "family_expires_at", sqlalchemy.DateTime(timezone=True), nullable=False, index=True
+    ),
+    sqlalchemy.Column("spent_at", sqlalchemy.DateTime(timezone=True)),
+    sqlalchemy.Column(
+        "replaced_by", sqlalchemy.ForeignKey("refresh_tokens.id", ondelete="SET NULL")
+    ),
+    sqlalchemy.Column("family_ended_at", sqlalchemy.DateTime(timezone=True)),
+    sqlite_autoincrement=True,
+)
+
+
+def hash_refresh_token(token: str) -> str:
+    # bcrypt is slow because people pick guessable passwords. Nobody can guess 32 random
+    # bytes, so a fast hash is enough here: it only has to be one-way.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def store_refresh_token(**values) -> tuple[str, int]:
+    """Make a refresh token, store its hash with these values: (the token, its row id)."""
+    token = secrets.token_urlsafe(32)
+    token_hash = hash_refresh_token(token)
+    id_ = await database.execute(refresh_tokens.insert().values(token_hash=token_hash, **values))
+    return token, id_
+
+
+async def start_session(user) -> str:
+    """The first refresh token of a new family, for a user who just proved who they are."""
+    now = datetime.now(timezone.utc)
+    # Expired families are of no use any more: each new session clears them away.
+    await database.execute(refresh_tokens.delete().where(refresh_tokens.c.family_expires_at < now))
+    token, _ = await store_refresh_token(
+        user_id=user["id"],
+        family=secrets.token_hex(16),
+        token_version=user["token_version"],
+        expires_at=now + timedelta(days=REFRESH_EXPIRES_DAYS),
+        family_expires_at=now + timedelta(days=SESSION_EXPIRES_DAYS),
+    )
+    return token
+
+
+class RefreshIn(BaseModel):
+    refresh_token: str = Field(max_length=1000)
+
+
+async def refusal(token_hash: str, now: datetime) -> HTTPException:
+    """Why this refresh token was not accepted; a spent one ends its whole family."""
+    token = await database.fetch_one(
+        refresh_tokens.select().where(refresh_tokens.c.token_hash == token_hash)
+    )
+    if token is None:
+        return unauthorized("Invalid refresh token.")
+    user = await database.fetch_one(users.select().where(users.c.id == token["user_id"]))
+    if user is None:  # deleted since
+        return unauthorized("Invalid refresh token.")
+    if token["family_ended_at"] is not None or token["token_version"] != user["token_version"]:
+        return unauthorized("Refresh token revoked.")
+    if token["spent_at"] is not None:
+        # Used twice: by its owner and by whoever copied it, we cannot tell which came first.
+        # End the family, so that neither can go on (RFC 9700, section 4.14).
+        await database.execute(
+            refresh_tokens.update()
+            .where(refresh_tokens.c.family == token["family"])
+            .values(family_ended_at=now)
+        )
+        logging.getLogger(__name__).warning(
+            f"A spent refresh token of user {user['id']} came back: "
+            f"its family {token['family']} is ended."
+        )
+        return unauthorized("Refresh token already used: log in again.")
+    return unauthorized("Refresh token expired: log in again.")
+
+
+@app.post(
+    "/refresh",
+    response_model=TokenOut,
+    dependencies=[Depends(no_store)],
+    responses={
+        **BAD_BODY,
+        status.HTTP_401_UNAUTHORIZED: {
+            "model": ErrorOut,
+            "description": "A refresh token that is unknown, spent, expired or revoked",
+        },
+    },
+    tags=["7 · Going further"],
+    summary="7 Trade a refresh token for a new pair of tokens",
+)
+async def refresh(body: RefreshIn):
+    now = datetime.now(timezone.utc)
+    token_hash = hash_refresh_token(body.refresh_token)
+    current_version = (
+        sqlalchemy.select(users.c.token_version)
+        .where(users.c.id == refresh_tokens.c.user_id)
+        .scalar_subquery()
+    )
+    # Spending it and storing the next one commit together: whoever sees it spent also
+    # sees its successor, and ends that too on a reuse.
+    async with database.transaction():
+        # One statement checks and spends: of two refreshes at once, only one wins.
+        spent = await database.fetch_one(
+            refresh_tokens.update()
+            .where(
+                refresh_tokens.c.token_hash == token_hash,
+                refresh_tokens.c.spent_at.is_(None),
+                refresh_tokens.c.family_ended_at.is_(None),
+                refresh_tokens.c.expires_at > now,
+                refresh_tokens.c.family_expires_at > now,
+                refresh_tokens.c.token_version == current_version,
+            )
+            .values(spent_at=now)
+            .returning(*refresh_tokens.c)
+        )
+        if spent is not None:
+            token, new_id = await store_refresh_token(
+                user_id=spent["user_id"],
+                family=spent["family"],
+                token_version=spent["token_version"],
+                expires_at=now + timedelta(days=REFRESH_EXPIRES_DAYS),
+                family_expires_at=spent["family_expires_at"],
+            )
+            await database.execute(
+                refresh_tokens.update()
+                .where(refresh_tokens.c.id == spent["id"])
+                .values(replaced_by=new_id)
+            )
+    if spent is None:
+        raise await refusal(token_hash, now)
+    # The version the family was made under, not a fresh read: a logout that lands
+    # now revokes this access token too.
+    user = {"id": spent["user_id"], "token_version": spent["token_version"]}
+    return {"token": create_access_token(user), "refresh_token": token}
 
 
 # --- 5 Run the admin command ---

@@ -57,6 +57,16 @@ def test_lesson_word_counts():
     assert prose_words(LESSON) <= 7000, f"the lesson has {prose_words(LESSON)} words of prose"
 
 
+def test_each_going_further_section_is_short():
+    # Each is taught on its own, after the core: at most 800 words of prose.
+    starts = [match.start() for match in re.finditer(r"^## ", LESSON, flags=re.M)]
+    for start, end in zip(starts, starts[1:] + [len(LESSON)], strict=True):
+        section = LESSON[start:end]
+        if section.startswith("## Going further"):
+            title = section.splitlines()[0]
+            assert prose_words(section) <= 800, f"{title}: {prose_words(section)} words of prose"
+
+
 def test_every_checkpoint_command_checks_the_students_file():
     commands = [
         line
@@ -188,5 +198,9 @@ def test_swagger_groups_operations_by_lesson_section(tmp_path, monkeypatch):
         "POST /password": (
             ["6 · Going further"],
             "6 Change the password: older tokens stop working, here is a new one",
+        ),
+        "POST /refresh": (
+            ["7 · Going further"],
+            "7 Trade a refresh token for a new pair of tokens",
         ),
     }
