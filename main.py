@@ -841,18 +841,18 @@ class RefreshIn(BaseModel):
     refresh_token: str = Field(max_length=1000)
 
 
-async def refusal(token_hash: str, now: datetime) -> HTTPException:
-    """Why this refresh token was not accepted; a spent one ends its whole family."""
+async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
+    """Answer 401 with the reason; a spent token that comes back ends its whole family."""
     token = await database.fetch_one(
         refresh_tokens.select().where(refresh_tokens.c.token_hash == token_hash)
     )
     if token is None:
-        return unauthorized("Invalid refresh token.")
+        raise unauthorized("Invalid refresh token.")
     user = await database.fetch_one(users.select().where(users.c.id == token["user_id"]))
     if user is None:  # deleted since
-        return unauthorized("Invalid refresh token.")
+        raise unauthorized("Invalid refresh token.")
     if token["family_ended_at"] is not None or token["token_version"] != user["token_version"]:
-        return unauthorized("Refresh token revoked.")
+        raise unauthorized("Refresh token revoked.")
     if token["spent_at"] is not None:
         # Used twice: by its owner and by whoever copied it, we cannot tell which came first.
         # End the family, so that neither can go on (RFC 9700, section 4.14).
@@ -865,8 +865,8 @@ async def refusal(token_hash: str, now: datetime) -> HTTPException:
             f"A spent refresh token of user {user['id']} came back: "
             f"its family {token['family']} is ended."
         )
-        return unauthorized("Refresh token already used: log in again.")
-    return unauthorized("Refresh token expired: log in again.")
+        raise unauthorized("Refresh token already used: log in again.")
+    raise unauthorized("Refresh token expired: log in again.")
 
 
 @app.post(
@@ -922,7 +922,7 @@ async def refresh(body: RefreshIn):
                 .values(replaced_by=new_id)
             )
     if spent is None:
-        raise await refusal(token_hash, now)
+        await refuse_refresh(token_hash, now)
     # The version the family was made under, not a fresh read: a logout that lands
     # now revokes this access token too.
     user = {"id": spent["user_id"], "token_version": spent["token_version"]}
