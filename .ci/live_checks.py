@@ -6,6 +6,8 @@ It copies main.py (or the app file PATH) into a temporary directory, writes a .e
 there, starts `uvicorn main:app` on 127.0.0.1, attacks it over HTTP from this process,
 and stops it. Then `uvicorn main:app --workers 4`: on SQLite with no secret set, and on
 the PostgreSQL database TEST_DATABASE_URL names, if set (it drops its public schema).
+Then starts the app must refuse (a short secret, a .jwt_secret that is not text, a
+users table from part 3), alone and with --workers 2: one message, no traceback, stop.
 One line per check, then "N passed, M failed"; exit 1 if any failed.
 """
 
@@ -15,6 +17,8 @@ import json
 import os
 import secrets
 import shutil
+import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -47,6 +51,15 @@ SECRET = secrets.token_urlsafe(48)
 PASSWORD = "password123"
 USER = {"email": "user@example.com", "password": PASSWORD, "full_name": "User"}
 LOGIN = {"email": USER["email"], "password": PASSWORD}
+SHIRT = {"name": "Shirt", "photo_url": "https://example.com/s.jpg", "size": "m", "color": "pink"}
+# test_main.py's PART_3_USERS with its role column: the users table before section 6.
+PART_3_USERS = (
+    "CREATE TABLE users (id INTEGER PRIMARY KEY, email VARCHAR(120) NOT NULL UNIQUE, "
+    "password VARCHAR(255) NOT NULL, full_name VARCHAR(200), phone VARCHAR(13), "
+    "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, "
+    "last_modified_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, "
+    "role VARCHAR(11) NOT NULL DEFAULT 'user')"
+)
 workdirs = []  # every temporary directory, removed at the end if all passed
 
 
@@ -81,6 +94,11 @@ def log_errors(log):
 
 def call(server, method, path, body=None, token=None, headers=()):
     """One request on a new connection: (status, JSON body or text)."""
+    return exchange(server, method, path, body, token, headers)[:2]
+
+
+def exchange(server, method, path, body=None, token=None, headers=()):
+    """One request on a new connection: (status, JSON body or text, response headers)."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         connection.putrequest(method, path)
@@ -95,9 +113,9 @@ def call(server, method, path, body=None, token=None, headers=()):
         response = connection.getresponse()
         text = response.read().decode(errors="replace")
         try:
-            return response.status, json.loads(text)
+            return response.status, json.loads(text), response.headers
         except ValueError:
-            return response.status, text
+            return response.status, text, response.headers
     finally:
         connection.close()
 
@@ -110,28 +128,82 @@ def detail(answer):
     return found[0]["msg"] if isinstance(found, list) else found
 
 
+def scalar(database_url, query, **parameters):
+    """One value from the database, read through SQL, not through the app."""
+    engine = sqlalchemy.create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sqlalchemy.text(query), parameters).scalar()
+    finally:
+        engine.dispose()
+
+
+def create_admin(server, workdir, **settings):
+    """admin@example.com, made with the app's own command, as lesson.md does it."""
+    subprocess.run(
+        [sys.executable, "main.py", "create-user", "admin@example.com"],
+        cwd=workdir,
+        input=PASSWORD + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+        env=environment(**settings),
+        timeout=60,
+    )
+    admin = {"email": "admin@example.com", "password": PASSWORD}
+    return call(server, "POST", "/login", admin)[1]["token"]
+
+
+def at_once(server, requests, delays=None):
+    """Send (method, path, body, token) requests together, each from its own thread.
+
+    delays: seconds each waits after they all start; their (status, answer) in order.
+    """
+    start = threading.Barrier(len(requests))
+    delays = delays or [0] * len(requests)
+    answers = [(None, "no answer")] * len(requests)
+
+    def send(index, method, path, body, token):
+        start.wait(timeout=10)
+        time.sleep(delays[index])
+        try:
+            answers[index] = call(server, method, path, body, token=token)
+        except OSError as error:
+            answers[index] = (None, repr(error))
+
+    threads = [threading.Thread(target=send, args=(i, *r)) for i, r in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)  # call's own timeout is 30 s
+    return answers
+
+
+def bearer(alg="HS256", **claims):
+    """An Authorization header with a token signed with the server's own secret."""
+    payload = {"sub": "1", "exp": datetime.now(timezone.utc) + timedelta(hours=1)}
+    forged = jwt.encode({**payload, **claims}, SECRET, algorithm=alg)
+    return [("Authorization", f"Bearer {forged}")]
+
+
 # --- The checks ---------------------------------------------------------------
 
 
-def expect(server, name, allowed, method, path, body=None, headers=()):
-    """One hostile request: PASS if its status is one of those allowed."""
+def expect(server, name, allowed, method, path, body=None, headers=(), said=None):
+    """One hostile request: PASS if its status is one of those allowed (and its detail said)."""
+    answer = None
     try:
         status, answer = call(server, method, path, body, headers=headers)
         seen = f"{status} {'OK' if status < 300 else detail(answer)}"
     except OSError as error:
         status, seen = None, f"no answer ({error!r})"
-    wanted = " or ".join(map(str, allowed))
-    report(f"hostile: {name}", status in allowed, f"{seen} (want {wanted})")
+    wanted = " or ".join(map(str, allowed)) + (f" {said}" if said else "")
+    ok = status in allowed and (said is None or detail(answer) == said)
+    report(f"hostile: {name}", ok, f"{seen} (want {wanted})")
 
 
 def hostile_tokens(server, token):
     """Forged tokens and odd headers: a clear 4xx each, never a 5xx."""
-
-    def bearer(alg="HS256", **claims):
-        payload = {"sub": "1", "exp": datetime.now(timezone.utc) + timedelta(hours=1)}
-        forged = jwt.encode({**payload, **claims}, SECRET, algorithm=alg)
-        return [("Authorization", f"Bearer {forged}")]
-
     future = datetime.now(timezone.utc) + timedelta(hours=1)
     cases = [
         ("HS512 with the right secret", [401], bearer("HS512")),
@@ -182,6 +254,164 @@ def hostile_passwords(server):
         expect(server, f"login, {name} password", [401, 422], "POST", "/login", login)
 
 
+def table_sizes(database_url):
+    return tuple(scalar(database_url, f"SELECT count(*) FROM {t}") for t in ("users", "clothes"))
+
+
+def hostile_inputs(server, database_url, admin_token, where=""):
+    """NUL in text, a javascript: URL, a sub beyond INTEGER: a 4xx each, and no row left.
+
+    On PostgreSQL the NUL and the huge sub were 500s: it refuses NUL in text, and
+    2**31 does not fit its INTEGER.
+    """
+    before = table_sizes(database_url)
+    for field, value in [("full_name", "Ada\x00Lovelace"), ("phone", "+359\x00888")]:
+        body = {**USER, "email": f"nul-{field}@example.com", field: value}
+        expect(server, f"register, NUL in {field}{where}", [422], "POST", "/register", body)
+    admin = [("Authorization", f"Bearer {admin_token}")]
+    clothes = [
+        ("NUL in the name", {"name": "Shirt\x00"}),
+        ("NUL in photo_url", {"photo_url": "https://example.com/s\x00.jpg"}),
+        ("photo_url javascript:alert(1)", {"photo_url": "javascript:alert(1)"}),
+    ]
+    for name, change in clothes:
+        name, body = f"admin adds clothes, {name}{where}", {**SHIRT, **change}
+        expect(server, name, [422], "POST", "/clothes/", body, admin)
+    # 2147483647 is the largest INTEGER: the query runs, finds nobody.
+    for sub in ["99999999999", "2147483648", "2147483647"]:
+        headers = bearer(sub=sub)
+        name = f'sub "{sub}"{where}'
+        expect(server, name, [401], "GET", "/clothes/", headers=headers, said="Invalid token.")
+    after = table_sizes(database_url)
+    report(
+        f"hostile inputs left no row{where}",
+        after == before,
+        f"(users, clothes) rows {before} before, {after} after",
+    )
+
+
+def email_case(server, database_url, where=""):
+    """Emails are stored lowercased: another letter case is the same account."""
+    body = {**USER, "email": "Ada@Example.com"}
+    first = call(server, "POST", "/register", body)[0]
+    second = call(server, "POST", "/register", {**body, "email": "ADA@example.com"})[0]
+    login = call(server, "POST", "/login", {**LOGIN, "email": "aDa@example.com"})[0]
+    query = "SELECT count(*) FROM users WHERE lower(email) = 'ada@example.com'"
+    rows = scalar(database_url, query)
+    report(
+        f"email case: Ada@, then ADA@ is taken, aDa@ logs in{where}",
+        (first, second, login, rows) == (201, 409, 200, 1),
+        f"register Ada@Example.com {first}, ADA@example.com {second}, "
+        f"login aDa@example.com {login}; {rows} row",
+    )
+
+
+def token_answers_not_cached(server, where=""):
+    """RFC 6749 5.1: an answer that carries a token says Cache-Control: no-store."""
+    user = {**USER, "email": "cache@example.com"}
+    seen = {}
+    status, answer, headers = exchange(server, "POST", "/register", user)
+    seen["register"] = (status, headers.get("Cache-Control"))
+    login = {"email": user["email"], "password": PASSWORD}
+    status, answer, headers = exchange(server, "POST", "/login", login)
+    seen["login"] = (status, headers.get("Cache-Control"))
+    change = {"old_password": PASSWORD, "new_password": "another-password"}
+    token = answer["token"] if status == 200 else None
+    status, answer, headers = exchange(server, "POST", "/password", change, token)
+    seen["password"] = (status, headers.get("Cache-Control"))
+    wanted = {"register": 201, "login": 200, "password": 200}
+    ok = all(seen[route] == (wanted[route], "no-store") for route in wanted)
+    shown = ", ".join(f"{route} {status} {cache}" for route, (status, cache) in seen.items())
+    report(f"token answers say Cache-Control: no-store{where}", ok, shown)
+
+
+def registered(server, email):
+    """A new user's token, or None if the registration failed."""
+    status, answer = call(server, "POST", "/register", {**USER, "email": email})
+    return answer["token"] if status == 201 else None
+
+
+def works(server, token):
+    """The status of GET /clothes/ with this token."""
+    return call(server, "GET", "/clothes/", token=token)[0]
+
+
+def two_password_changes(server, rounds=5, where=""):
+    """Two POST /password at once with one token: one wins, its token and password work."""
+    outcomes, problems = [], []
+    for round_ in range(rounds):
+        token = registered(server, f"twice{round_}@example.com")
+        if token is None:
+            problems.append(f"round {round_}: could not register")
+            continue
+        passwords = [f"first-new-{round_}", f"second-new-{round_}"]
+        changes = [{"old_password": PASSWORD, "new_password": p} for p in passwords]
+        requests = [("POST", "/password", change, token) for change in changes]
+        answers = at_once(server, requests)
+        statuses = [status for status, _ in answers]
+        outcomes.append("+".join(map(str, sorted(statuses, key=str))))
+        if statuses.count(200) > 1 or not set(statuses) <= {200, 401}:
+            problems.append(f"round {round_}: {statuses}")
+        elif 200 in statuses:
+            won = statuses.index(200)
+            login = {"email": f"twice{round_}@example.com", "password": passwords[won]}
+            after = works(server, answers[won][1]["token"]), works(server, token)
+            logs_in = call(server, "POST", "/login", login)[0]
+            if after != (200, 401) or logs_in != 200:
+                problems.append(
+                    f"round {round_}: winner's token {after[0]}, old token {after[1]}, "
+                    f"winner's password {logs_in}"
+                )
+    counts = {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}
+    report(
+        f"two password changes at once with one token, {rounds} rounds{where}",
+        not problems,
+        f"{counts}; " + ("; ".join(problems) or "the winner's token and password work"),
+    )
+
+
+def racing_round(server, round_):
+    """One logout and one password change with one token, at once: (outcome, what was wrong)."""
+    email = f"racing{round_}@example.com"
+    token = registered(server, email)
+    if token is None:
+        return "no user", "could not register"
+    change = {"old_password": PASSWORD, "new_password": f"new-password-{round_}"}
+    requests = [("POST", "/logout", None, token), ("POST", "/password", change, token)]
+    # The logout leaves 0 to 5.5 ms after the change, so that they land in either order.
+    (logout, _), (changed, answer) = at_once(server, requests, [round_ / 2000, 0])
+    new = works(server, answer["token"]) if changed == 200 else None
+    outcome = f"logout {logout}, change {changed}" + (f", its token then {new}" if new else "")
+    old_password = {"email": email, "password": PASSWORD}
+    if not {logout, changed} <= {200, 204, 401}:
+        return outcome, "neither a success nor a 401"
+    if logout == 204 and changed == 200 and new != 401:
+        return outcome, "the change's token works after the logout"
+    if (logout == 204 or changed == 200) and works(server, token) != 401:
+        return outcome, "the old token still works"
+    if logout == 401 and new != 200:  # only a change that won makes the logout a 401
+        return outcome, "the logout was refused, yet no change won with a working token"
+    if changed == 401 and call(server, "POST", "/login", old_password)[0] != 200:
+        return outcome, "the refused change changed the password"
+    return outcome, ""
+
+
+def logout_racing_password_change(server, rounds=12, where=""):
+    """A logout and a password change at once: once the logout answered 204, no token works."""
+    outcomes, problems = [], []
+    for round_ in range(rounds):
+        outcome, wrong = racing_round(server, round_)
+        outcomes.append(outcome)
+        if wrong:
+            problems.append(f"round {round_}: {outcome}: {wrong}")
+    counts = {outcome: outcomes.count(outcome) for outcome in sorted(set(outcomes))}
+    report(
+        f"logout racing a password change with one token, {rounds} rounds{where}",
+        not problems,
+        "; ".join([f"{n}x {outcome}" for outcome, n in counts.items()] + problems),
+    )
+
+
 def concurrent_registration(server, database_url, name="25 registrations of one email at once"):
     """25 registrations of one email at once: one 201, 24 409, one row."""
     email = "same@example.com"
@@ -198,11 +428,7 @@ def concurrent_registration(server, database_url, name="25 registrations of one 
         thread.start()
     for thread in threads:
         thread.join()
-    engine = sqlalchemy.create_engine(database_url)
-    with engine.connect() as connection:
-        count = sqlalchemy.text("SELECT count(*) FROM users WHERE email = :email")
-        rows = connection.execute(count, {"email": email}).scalar()
-    engine.dispose()
+    rows = scalar(database_url, "SELECT count(*) FROM users WHERE email = :email", email=email)
     counts = {code: statuses.count(code) for code in sorted(set(statuses))}
     ok = counts == {201: 1, 409: 24} and rows == 1
     report(name, ok, f"statuses {counts}, {rows} row")
@@ -370,9 +596,107 @@ def postgresql_workers(database_url):
     if server is None:
         return
     concurrent_registration(server, database_url, f"{name}: 25 registrations of one email")
+    where = " (PostgreSQL)"
+    admin_token = create_admin(server, workdir, **settings)
+    hostile_inputs(server, database_url, admin_token, where)
+    email_case(server, database_url, where)
+    token_answers_not_cached(server, where)
+    two_password_changes(server, where=where)
+    logout_racing_password_change(server, where=where)
     stop_server(server)
     error = log_errors(server_log(server))
-    report(f"{name}: no error in the log while registering", not error, error or "none")
+    report(f"{name}: no error in the log", not error, error or "none")
+
+
+# --- Starts the app must refuse -------------------------------------------------
+
+
+def listening(port):
+    """Does anything still accept connections on this port?"""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def refused_start(name, workdir, words, workers=1, **settings):
+    """uvicorn main:app must stop by itself: one message naming words, no traceback."""
+    server = launch(workdir, workers, **settings)
+    started = time.monotonic()
+    try:
+        status = server.wait(timeout=20)
+        seen = f"exit status {status} after {time.monotonic() - started:.1f} s"
+    except subprocess.TimeoutExpired:
+        stop_server(server)
+        status, seen = None, "still running after 20 s: stopped it"
+    log = server_log(server)
+    missing, tracebacks = [word for word in words if word not in log], log.count("Traceback")
+    if workers == 1:
+        stopped = status == 3  # uvicorn's STARTUP_FAILURE
+    else:  # uvicorn 0.54's supervisor stops, but with exit status 0: any status will do
+        left = listening(server.port)
+        stopped = status is not None and not left
+        seen += f" (uvicorn's parent), {'something' if left else 'nothing'} left on its port"
+    report(
+        f"refuse: {name}",
+        stopped and not missing and not tracebacks,
+        f"{seen}, {said(words, missing)}, {tracebacks} tracebacks",
+    )
+
+
+def said(words, missing):
+    if missing:
+        return "does not say " + ", ".join(map(repr, missing))
+    return "says " + ", ".join(map(repr, words))
+
+
+def refused_command(name, workdir, command, words, **settings):
+    """python main.py COMMAND must fail: a non-zero status, one message, no traceback."""
+    try:
+        run = subprocess.run(
+            [sys.executable, "main.py", *command],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            env=environment(**settings),
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        return report(f"refuse: {name}", False, "still running after 30 s: stopped it")
+    output = run.stdout + run.stderr
+    missing, tracebacks = [word for word in words if word not in output], output.count("Traceback")
+    report(
+        f"refuse: {name}",
+        run.returncode != 0 and not missing and not tracebacks,
+        f"exit status {run.returncode}, {said(words, missing)}, {tracebacks} tracebacks",
+    )
+
+
+def refused_secrets():
+    """A JWT_SECRET under 32 bytes, or a kept .jwt_secret that is not text."""
+    workdir = new_workdir()
+    short = ["JWT_SECRET is too short"]
+    refused_start("JWT_SECRET of 9 bytes", workdir, short, JWT_SECRET="too-short")
+    name = "JWT_SECRET of 9 bytes, --workers 2"
+    refused_start(name, workdir, short, workers=2, JWT_SECRET="too-short")
+    (workdir / ".jwt_secret").write_bytes(b"\xff\xfe not text")
+    refused_start(".jwt_secret not UTF-8, no JWT_SECRET", workdir, [".jwt_secret"])
+
+
+def refused_old_schema():
+    """clothes.db from part 3: a users table with role, but no token_version (section 6)."""
+    workdir = new_workdir()
+    connection = sqlite3.connect(workdir / "clothes.db")
+    connection.execute(PART_3_USERS)
+    connection.commit()
+    connection.close()
+    words = ["token_version", "Appendix H"]
+    name = "users table without token_version"
+    refused_start(name, workdir, words, JWT_SECRET=SECRET)
+    refused_start(f"{name}, --workers 2", workdir, words, workers=2, JWT_SECRET=SECRET)
+    command = ["set-role", "someone@example.com", "admin"]
+    refused_command(f"{name}, set-role", workdir, command, words, JWT_SECRET=SECRET)
 
 
 def main():
@@ -389,28 +713,17 @@ def main():
     server = start_server(workdir)
     try:
         user_token = call(server, "POST", "/register", USER)[1]["token"]
-        subprocess.run(
-            [sys.executable, "main.py", "create-user", "admin@example.com"],
-            cwd=workdir,
-            input=PASSWORD + "\n",
-            text=True,
-            check=True,
-            capture_output=True,
-            env=environment(),
-        )
-        admin = {"email": "admin@example.com", "password": PASSWORD}
-        admin_token = call(server, "POST", "/login", admin)[1]["token"]
-        shirt = {
-            "name": "Shirt",
-            "photo_url": "https://example.com/s.jpg",
-            "size": "m",
-            "color": "pink",
-        }
-        call(server, "POST", "/clothes/", shirt, token=admin_token)
+        admin_token = create_admin(server, workdir)
+        call(server, "POST", "/clothes/", SHIRT, token=admin_token)
 
         hostile_tokens(server, user_token)
+        hostile_inputs(server, database_url, admin_token)
         hostile_passwords(server)
+        email_case(server, database_url)
+        token_answers_not_cached(server)
         concurrent_registration(server, database_url)
+        two_password_changes(server)
+        logout_racing_password_change(server)
         fuzz(server, workdir, "user", user_token)
         fuzz(server, workdir, "admin", admin_token)
         logout_while_requests_are_in_flight(server)
@@ -422,6 +735,11 @@ def main():
             postgresql_workers(os.environ["TEST_DATABASE_URL"])
         else:
             print("SKIP  PostgreSQL with 4 workers: TEST_DATABASE_URL is not set", flush=True)
+        refused_secrets()
+        refused_old_schema()
+        logs = [workdir / "server.log" for workdir in workdirs]
+        found = sum(log.read_text().count("Traceback") for log in logs if log.exists())
+        report(f"no traceback in any of the {len(logs)} server logs", found == 0, f"{found} found")
     finally:
         for server in servers:
             if server.poll() is None:
