@@ -13,7 +13,7 @@ import argparse  # 5
 import asyncio  # 1.3
 import enum
 import getpass  # 5
-import hashlib  # 7
+import hashlib  # 8
 import logging  # 1.2
 import os  # 1.2
 import re  # 2.1
@@ -362,7 +362,7 @@ async def run_hashing(function, *args):
 
 class TokenOut(BaseModel):
     token: str
-    refresh_token: str  # 7
+    refresh_token: str  # 8
 
 
 def no_store(response: Response) -> None:
@@ -426,7 +426,7 @@ async def create_user(user: UserSignIn):
     new_user = await database.fetch_one(users.select().where(users.c.id == id_))
     return {
         "token": create_access_token(new_user),
-        "refresh_token": await start_session(new_user),  # 7
+        "refresh_token": await start_session(new_user),  # 8
     }
 
 
@@ -620,7 +620,7 @@ async def login(credentials: UserLogin):
         raise unauthorized("Incorrect email or password.")
     return {
         "token": create_access_token(user),
-        "refresh_token": await start_session(user),  # 7
+        "refresh_token": await start_session(user),  # 8
     }
 
 
@@ -766,11 +766,11 @@ async def change_password(change: PasswordChange, request: Request):
         raise unauthorized("Token revoked.")
     return {
         "token": create_access_token(changed),
-        "refresh_token": await start_session(changed),  # 7
+        "refresh_token": await start_session(changed),  # 8
     }
 
 
-# --- 7 Refresh tokens ---
+# --- 8 Refresh tokens ---
 
 REFRESH_EXPIRES_DAYS = config("REFRESH_EXPIRES_DAYS", cast=int, default=14)
 # However often it is refreshed, a login lasts at most this long: then log in again.
@@ -880,8 +880,8 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
             "description": "A refresh token that is unknown, spent, expired or revoked",
         },
     },
-    tags=["7 · Going further"],
-    summary="7 Trade a refresh token for a new pair of tokens",
+    tags=["8 · Going further"],
+    summary="8 Trade a refresh token for a new pair of tokens",
 )
 async def refresh(body: RefreshIn):
     now = datetime.now(timezone.utc)

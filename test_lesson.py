@@ -200,7 +200,7 @@ def test_swagger_groups_operations_by_lesson_section(tmp_path, monkeypatch):
             "6 Change the password: older tokens stop working, here is a new one",
         ),
         "POST /refresh": (
-            ["7 · Going further"],
-            "7 Trade a refresh token for a new pair of tokens",
+            ["8 · Going further"],
+            "8 Trade a refresh token for a new pair of tokens",
         ),
     }

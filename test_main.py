@@ -176,7 +176,7 @@ SHIRT = {
     "color": "white",
 }
 BODY = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
-# An answer with a token holds it alone; from section 7 on, with a refresh token too.
+# An answer with a token holds it alone; from section 8 on, with a refresh token too.
 TOKEN_ANSWERS = (["token"], ["token", "refresh_token"])
 
 
@@ -1496,14 +1496,14 @@ def test_6_openapi_lists_both_routes(client):
     }
 
 
-# --- 7 Refresh tokens --------------------------------------------------------------------
+# --- 8 Refresh tokens --------------------------------------------------------------------
 
 
 def log_in_for_a_pair(client, password="correct horse"):
     response = client.post("/login", json={"email": "ada@example.com", "password": password})
-    expect(response, 200, "7 login")
+    expect(response, 200, "8 login")
     assert list(response.json()) == ["token", "refresh_token"], (
-        f"7: login answers a token and a refresh_token, got {list(response.json())}"
+        f"8: login answers a token and a refresh_token, got {list(response.json())}"
     )
     return response.json()
 
@@ -1520,114 +1520,114 @@ def reflected(db, table):
     return sqlalchemy.Table(table, sqlalchemy.MetaData(), autoload_with=db)
 
 
-def test_7_refresh_gives_a_new_pair_and_spends_the_old_token(client):
+def test_8_refresh_gives_a_new_pair_and_spends_the_old_token(client):
     register(client)
     pair = log_in_for_a_pair(client)
     response = refresh(client, pair["refresh_token"])
-    expect(response, 200, "7")
+    expect(response, 200, "8")
     new = response.json()
-    assert list(new) == ["token", "refresh_token"], f"7: answer a new pair, got {list(new)}"
-    assert new["refresh_token"] != pair["refresh_token"], "7: every refresh makes a new token"
-    assert response.headers.get("cache-control") == "no-store", "7: Depends(no_store), as in 1.3"
-    expect(client.get("/clothes/", headers=bearer(new["token"])), 200, "7: the new access token")
-    expect(refresh(client, new["refresh_token"]), 200, "7: the new refresh token works once")
+    assert list(new) == ["token", "refresh_token"], f"8: answer a new pair, got {list(new)}"
+    assert new["refresh_token"] != pair["refresh_token"], "8: every refresh makes a new token"
+    assert response.headers.get("cache-control") == "no-store", "8: Depends(no_store), as in 1.3"
+    expect(client.get("/clothes/", headers=bearer(new["token"])), 200, "8: the new access token")
+    expect(refresh(client, new["refresh_token"]), 200, "8: the new refresh token works once")
 
 
-def test_7_register_and_password_change_give_a_pair_too(client):
+def test_8_register_and_password_change_give_a_pair_too(client):
     answer = client.post("/register", json=BODY).json()
-    expect(refresh(client, answer["refresh_token"]), 200, "7: register's refresh token")
+    expect(refresh(client, answer["refresh_token"]), 200, "8: register's refresh token")
     change = {"old_password": "correct horse", "new_password": "battery staple"}
     response = client.post(
         "/password", json=change, headers=bearer(log_in_for_a_pair(client)["token"])
     )
-    expect(response, 200, "7")
-    expect(refresh(client, response.json()["refresh_token"]), 200, "7: the new password's pair")
+    expect(response, 200, "8")
+    expect(refresh(client, response.json()["refresh_token"]), 200, "8: the new password's pair")
 
 
-def test_7_the_database_keeps_only_a_sha256_of_each_token(client, db, database_url):
+def test_8_the_database_keeps_only_a_sha256_of_each_token(client, db, database_url):
     register(client)
     pair = log_in_for_a_pair(client)
     stored = [row for row in refresh_rows(db) if pair["refresh_token"] not in str(dict(row))]
-    assert len(stored) == len(refresh_rows(db)), "7: never store the refresh token itself"
+    assert len(stored) == len(refresh_rows(db)), "8: never store the refresh token itself"
     hashes = {row["token_hash"] for row in stored}
     assert hashlib.sha256(pair["refresh_token"].encode()).hexdigest() in hashes, (
-        "7: store hashlib.sha256(token).hexdigest()"
+        "8: store hashlib.sha256(token).hexdigest()"
     )
-    assert len(pair["refresh_token"]) >= 43, "7: at least 32 random bytes (secrets.token_urlsafe)"
+    assert len(pair["refresh_token"]) >= 43, "8: at least 32 random bytes (secrets.token_urlsafe)"
     if database_url.startswith("sqlite"):
         raw = Path(database_url.removeprefix("sqlite:///")).read_bytes()
-        assert pair["refresh_token"].encode() not in raw, "7: not in the database file either"
+        assert pair["refresh_token"].encode() not in raw, "8: not in the database file either"
 
 
-def test_7_a_spent_token_that_comes_back_ends_its_family(client, db, caplog):
+def test_8_a_spent_token_that_comes_back_ends_its_family(client, db, caplog):
     register(client)
     other_device = log_in_for_a_pair(client)
     first = log_in_for_a_pair(client)
     second = refresh(client, first["refresh_token"]).json()
     # Whoever copied `first` tries it now: thief or owner, the family ends.
     again = refresh(client, first["refresh_token"])
-    expect_401(again, "Refresh token already used: log in again.", "7")
-    expect_401(refresh(client, second["refresh_token"]), "Refresh token revoked.", "7")
+    expect_401(again, "Refresh token already used: log in again.", "8")
+    expect_401(refresh(client, second["refresh_token"]), "Refresh token revoked.", "8")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "family" in warnings[0], f"7: log one warning, got {warnings}"
-    assert first["refresh_token"] not in warnings[0], "7: never log the token"
-    expect(refresh(client, other_device["refresh_token"]), 200, "7: other logins go on")
+    assert len(warnings) == 1 and "family" in warnings[0], f"8: log one warning, got {warnings}"
+    assert first["refresh_token"] not in warnings[0], "8: never log the token"
+    expect(refresh(client, other_device["refresh_token"]), 200, "8: other logins go on")
 
 
-def test_7_refreshes_at_once_with_one_token_one_wins(client):
+def test_8_refreshes_at_once_with_one_token_one_wins(client):
     register(client)
     pair = log_in_for_a_pair(client)
     with ThreadPoolExecutor(max_workers=10) as pool:
         answers = list(pool.map(lambda _: refresh(client, pair["refresh_token"]), range(10)))
     codes = sorted(answer.status_code for answer in answers)
     assert codes == [200] + [401] * 9, (
-        "7: spend the token in one conditional UPDATE (WHERE spent_at IS NULL ... RETURNING), "
+        "8: spend the token in one conditional UPDATE (WHERE spent_at IS NULL ... RETURNING), "
         f"so that of ten refreshes at once exactly one wins; got {codes}"
     )
 
 
 @pytest.mark.parametrize("how", ["logout", "password", "command"])
-def test_7_logging_out_ends_every_refresh_token(app_dir, db, monkeypatch, how):
+def test_8_logging_out_ends_every_refresh_token(app_dir, db, monkeypatch, how):
     with TestClient(load_app(app_dir).app) as client:
         register(client)
         phone = log_in_for_a_pair(client)
         laptop = refresh(client, log_in_for_a_pair(client)["refresh_token"]).json()
         if how == "logout":
-            expect(client.post("/logout", headers=bearer(phone["token"])), 204, "7")
+            expect(client.post("/logout", headers=bearer(phone["token"])), 204, "8")
         elif how == "password":
             change = {"old_password": "correct horse", "new_password": "battery staple"}
             response = client.post("/password", json=change, headers=bearer(phone["token"]))
-            expect(response, 200, "7")
+            expect(response, 200, "8")
         else:
             run_command(app_dir, monkeypatch, "logout", "ada@example.com")
         for device in (phone, laptop):
-            expect_401(refresh(client, device["refresh_token"]), "Refresh token revoked.", "7")
+            expect_401(refresh(client, device["refresh_token"]), "Refresh token revoked.", "8")
             expect_401(
-                client.get("/clothes/", headers=bearer(device["token"])), "Token revoked.", "7"
+                client.get("/clothes/", headers=bearer(device["token"])), "Token revoked.", "8"
             )
 
 
 @pytest.mark.parametrize("column", ["expires_at", "family_expires_at"])
-def test_7_an_expired_refresh_token_is_refused(client, db, column):
+def test_8_an_expired_refresh_token_is_refused(client, db, column):
     register(client)
     pair = log_in_for_a_pair(client)
     table = reflected(db, "refresh_tokens")
     with db.begin() as connection:
         past = datetime.now(timezone.utc) - timedelta(minutes=1)
         connection.execute(table.update().values({column: past}))
-    expect_401(refresh(client, pair["refresh_token"]), "Refresh token expired: log in again.", "7")
+    expect_401(refresh(client, pair["refresh_token"]), "Refresh token expired: log in again.", "8")
 
 
-def test_7_rotation_cannot_outlive_the_session(client, db):
+def test_8_rotation_cannot_outlive_the_session(client, db):
     register(client)
     token = log_in_for_a_pair(client)["refresh_token"]
     for _ in range(3):
         token = refresh(client, token).json()["refresh_token"]
     family = {(row["family"], row["family_expires_at"]) for row in refresh_rows(db)[-4:]}
-    assert len(family) == 1, "7: a refreshed token keeps its family and the family's expiry"
+    assert len(family) == 1, "8: a refreshed token keeps its family and the family's expiry"
 
 
-def test_7_expired_sessions_are_purged(client, db):
+def test_8_expired_sessions_are_purged(client, db):
     register(client)
     log_in_for_a_pair(client)
     table = reflected(db, "refresh_tokens")
@@ -1636,36 +1636,36 @@ def test_7_expired_sessions_are_purged(client, db):
         connection.execute(table.update().values(family_expires_at=past))
     before = len(refresh_rows(db))
     log_in_for_a_pair(client)
-    assert before == 2 and len(refresh_rows(db)) == 1, "7: each new session deletes expired ones"
+    assert before == 2 and len(refresh_rows(db)) == 1, "8: each new session deletes expired ones"
 
 
 @pytest.mark.parametrize(
     "sent", ["not-a-token", "x" * 43, "access-token"], ids=["garbage", "unknown", "access-token"]
 )
-def test_7_an_unknown_refresh_token_is_refused(client, sent):
+def test_8_an_unknown_refresh_token_is_refused(client, sent):
     register(client)
     pair = log_in_for_a_pair(client)
     sent = pair["token"] if sent == "access-token" else sent
-    expect_401(refresh(client, sent), "Invalid refresh token.", "7")
+    expect_401(refresh(client, sent), "Invalid refresh token.", "8")
 
 
-def test_7_a_deleted_users_refresh_token_is_refused(client, db):
+def test_8_a_deleted_users_refresh_token_is_refused(client, db):
     register(client)
     pair = log_in_for_a_pair(client)
     run_sql(db, "DELETE FROM users")
-    expect_401(refresh(client, pair["refresh_token"]), "Invalid refresh token.", "7")
+    expect_401(refresh(client, pair["refresh_token"]), "Invalid refresh token.", "8")
 
 
-def test_7_a_refresh_token_is_no_bearer_token(client):
+def test_8_a_refresh_token_is_no_bearer_token(client):
     register(client)
     pair = log_in_for_a_pair(client)
     response = client.get("/clothes/", headers=bearer(pair["refresh_token"]))
-    expect_401(response, "Invalid token.", "7")
+    expect_401(response, "Invalid token.", "8")
 
 
-def test_7_openapi_lists_refresh_without_a_bearer(client):
+def test_8_openapi_lists_refresh_without_a_bearer(client):
     operation = client.get("/openapi.json").json()["paths"].get("/refresh", {}).get("post")
-    assert operation, "7: add POST /refresh"
-    assert operation["tags"] == ["7 · Going further"]
+    assert operation, "8: add POST /refresh"
+    assert operation["tags"] == ["8 · Going further"]
     assert set(operation["responses"]) == {"200", "400", "401", "422"}
-    assert "security" not in operation, "7: /refresh takes the refresh token in its body"
+    assert "security" not in operation, "8: /refresh takes the refresh token in its body"
