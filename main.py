@@ -15,12 +15,15 @@ import enum
 import getpass  # 5
 import hashlib  # 8
 import logging  # 1.2
+import math  # 7
 import os  # 1.2
 import re  # 2.1
 import secrets  # 1.2
 import sqlite3  # 1.3
 import sys
 import tempfile  # 1.2
+import time  # 1.3
+import traceback
 from concurrent.futures import ThreadPoolExecutor  # 1.3
 from contextlib import asynccontextmanager
 from datetime import datetime  # 1.2
@@ -55,8 +58,10 @@ from pydantic import AfterValidator
 from pydantic import BaseModel
 from pydantic import EmailStr
 from pydantic import Field
+from pydantic import TypeAdapter  # 5
 from pydantic import ValidationError  # 5
 from pydantic import field_validator  # 2.2
+from zxcvbn import zxcvbn  # 7
 
 
 # --- 0 Settings ---
@@ -170,9 +175,22 @@ def fits_bcrypt(password: str) -> str:
     return password
 
 
+def is_hard_to_guess(password: str) -> str:  # 7
+    # zxcvbn knows what people pick (leaked passwords, words, names, dates, keyboard
+    # patterns); a score of 0 or 1 means guessed within about a million tries.
+    if zxcvbn(password)["score"] < 2:
+        raise ValueError("password is too common or too easy to guess")
+    return password
+
+
 # Every password must fit bcrypt; a new one must also have 8 characters or more.
 Password = Annotated[str, AfterValidator(fits_bcrypt)]
-NewPassword = Annotated[str, Field(min_length=8), AfterValidator(fits_bcrypt)]
+NewPassword = Annotated[
+    str,
+    Field(min_length=8),
+    AfterValidator(fits_bcrypt),
+    AfterValidator(is_hard_to_guess),  # 7
+]
 
 
 def no_control_characters(text: str) -> str:
@@ -180,12 +198,16 @@ def no_control_characters(text: str) -> str:
     # number, and PostgreSQL refuses NUL outright: a 422 here, not a 500 there.
     if any(ord(character) < 32 for character in text):
         raise ValueError("must not contain control characters")
+    # JSON may carry half a UTF-16 pair ("\ud800"): no database can store that.
+    if any("\ud800" <= character <= "\udfff" for character in text):
+        raise ValueError("must be valid Unicode text")
     return text
 
 
 PlainText = Annotated[str, AfterValidator(no_control_characters)]
-# Stored lowercased, so Ada@example.com and ada@example.com are one account.
-Email = Annotated[EmailStr, Field(max_length=120), AfterValidator(str.lower)]
+# Stored lowercased, so Ada@example.com and ada@example.com are one account. The length
+# is checked after: a few letters grow when lowercased ("İ" becomes two characters).
+Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=120)]
 
 
 class UserSignIn(BaseModel):
@@ -230,14 +252,24 @@ def check_columns() -> None:
 
 
 def create_tables() -> None:
-    # create_all looks, then creates: workers that start together could all see no table
-    # and all create it. A lock, held until the commit, lets them in one at a time.
-    with engine.begin() as connection:
+    try:
         if engine.dialect.name == "sqlite":
-            connection.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite locks the whole file
-        elif engine.dialect.name == "postgresql":
-            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(1)")  # any fixed number
-        metadata.create_all(connection)
+            with engine.connect() as connection:
+                # WAL: readers never wait for the writer, and writers wait less (Appendix J).
+                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        # create_all looks, then creates: workers that start together could all see no
+        # table and all create it. A lock, held until the commit, lets them in one at a time.
+        with engine.begin() as connection:
+            if engine.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite locks the whole file
+            elif engine.dialect.name == "postgresql":
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(1)")  # any number
+            metadata.create_all(connection)
+    except sqlalchemy.exc.OperationalError as error:
+        refuse_to_start(
+            f"Cannot open the database: {error.orig}\n"
+            "Check DATABASE_URL, and that the database server is running."
+        )
 
 
 class StartupChecks:
@@ -255,9 +287,11 @@ class StartupChecks:
             try:
                 create_tables()
                 check_columns()
-            except SystemExit:
+            except BaseException as error:
                 await receive()  # the server's "lifespan.startup"
-                await send({"type": "lifespan.startup.failed", "message": ""})
+                # A refusal has printed its message; anything else is a crash: show it all.
+                message = "" if isinstance(error, SystemExit) else traceback.format_exc()
+                await send({"type": "lifespan.startup.failed", "message": message})
                 raise
         await self.app(scope, receive, send)
 
@@ -352,12 +386,41 @@ def lower_priority() -> None:
         os.nice(19)
 
 
-hashing_pool = ThreadPoolExecutor(max_workers=os.cpu_count(), initializer=lower_priority)
+CORES = os.cpu_count() or 1
+hashing_pool = ThreadPoolExecutor(max_workers=CORES, initializer=lower_priority)
 
 
-async def run_hashing(function, *args):
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(hashing_pool, function, *args)
+def time_one_hash() -> float:
+    start = time.perf_counter()
+    pwd_context.hash("a password to time one hash")
+    return time.perf_counter() - start
+
+
+# No hash should wait more than about 2 seconds. Past that many in line, a request gets
+# 503 at once instead of queueing behind a flood for minutes (Appendix A).
+MAX_HASHES_IN_LINE = max(CORES, round(CORES * 2 / time_one_hash()))
+hashing_threads = asyncio.Semaphore(CORES)
+hashes_in_line = 0
+
+
+async def run_hashing(request: Request, function, *args):
+    global hashes_in_line
+    if hashes_in_line >= MAX_HASHES_IN_LINE:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "Too many passwords to check at once: try again in a moment.",
+            headers={"Retry-After": "2"},
+        )
+    hashes_in_line += 1
+    try:
+        async with hashing_threads:  # wait here, on the event loop, for a free thread
+            # Checked just before the hash: a client that has hung up costs no hash.
+            if await request.is_disconnected():
+                raise HTTPException(499, "The client hung up.")  # nginx's code for this
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(hashing_pool, function, *args)
+    finally:
+        hashes_in_line -= 1
 
 
 class TokenOut(BaseModel):
@@ -399,6 +462,24 @@ BAD_BODY = {
         "description": "A body that cannot be read as JSON text",
     }
 }
+BUSY = {
+    status.HTTP_503_SERVICE_UNAVAILABLE: {
+        "model": ErrorOut,
+        "description": "Too many passwords to check at once: try again after Retry-After",
+    }
+}
+TOO_LARGE = {  # 7
+    status.HTTP_413_CONTENT_TOO_LARGE: {
+        "model": ErrorOut,
+        "description": "A request body over 64 KiB",
+    }
+}
+TOO_MANY_FAILURES = {  # 7
+    status.HTTP_429_TOO_MANY_REQUESTS: {
+        "model": ErrorOut,
+        "description": "Too many failed logins: try again after Retry-After seconds",
+    }
+}
 
 
 @app.post(
@@ -408,14 +489,16 @@ BAD_BODY = {
     responses={
         **BAD_BODY,
         status.HTTP_409_CONFLICT: {"model": ErrorOut, "description": "Email taken"},
+        **BUSY,
+        **TOO_LARGE,  # 7
     },
     dependencies=[Depends(no_store)],
     tags=["1 · JWT"],
     summary="1.3 Register a user and get a token",
 )
-async def create_user(user: UserSignIn):
+async def create_user(user: UserSignIn, request: Request):
     values = user.model_dump()
-    values["password"] = await run_hashing(pwd_context.hash, user.password)
+    values["password"] = await run_hashing(request, pwd_context.hash, user.password)
     try:
         id_ = await database.execute(users.insert().values(**values))
     except Exception as error:
@@ -578,7 +661,12 @@ NOT_ALLOWED = {
     status_code=status.HTTP_201_CREATED,
     response_model=ClothesOut,
     dependencies=[Depends(is_admin)],
-    responses={**BAD_BODY, **NOT_AUTHENTICATED, **NOT_ALLOWED},
+    responses={
+        **BAD_BODY,
+        **NOT_AUTHENTICATED,
+        **NOT_ALLOWED,
+        **TOO_LARGE,  # 7
+    },
     tags=["3 · Authorization"],
     summary="3.2 Add clothes (admin and super_admin only)",
 )
@@ -604,20 +692,29 @@ class UserLogin(BaseModel):
             "model": ErrorOut,
             "description": "Unknown email or wrong password",
         },
+        **BUSY,
+        **TOO_MANY_FAILURES,  # 7
+        **TOO_LARGE,  # 7
     },
     dependencies=[Depends(no_store)],
     tags=["4 · Logging in"],
     summary="4 Log in with email and password and get a token",
 )
-async def login(credentials: UserLogin):
+async def login(credentials: UserLogin, request: Request):
+    address = client_address(request)  # 7
+    failures = await check_throttle(credentials.email, address)  # 7
     user = await database.fetch_one(users.select().where(users.c.email == credentials.email))
     if user is None:
         # Hash anyway, so the response time does not tell which emails exist.
-        password_ok = await run_hashing(pwd_context.dummy_verify)
+        password_ok = await run_hashing(request, pwd_context.dummy_verify)
     else:
-        password_ok = await run_hashing(pwd_context.verify, credentials.password, user["password"])
+        password = user["password"]
+        password_ok = await run_hashing(request, pwd_context.verify, credentials.password, password)
     if not password_ok:
+        await record_failure(credentials.email, address)  # 7
         raise unauthorized("Incorrect email or password.")
+    if failures:  # 7
+        await forget_failures(credentials.email, address)
     return {
         "token": create_access_token(user),
         "refresh_token": await start_session(user),  # 8
@@ -679,6 +776,14 @@ def logout_command(connection, args) -> str:  # 6
     return f"Every token of {args.email} is revoked."
 
 
+def email_address(text: str) -> str:
+    # The API's rules (Email, in 0): lowercased and normalised, so it is found however typed.
+    try:
+        return TypeAdapter(Email).validate_python(text)
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"not a valid email address: {text!r}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Manage the lesson app's users.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -694,13 +799,12 @@ def main(argv=None) -> None:
     create.set_defaults(handler=create_user_command)
 
     set_role = commands.add_parser("set-role", help="change an existing user's role")
-    # Emails are stored lowercased (Email, in 0): look them up the same way.
-    set_role.add_argument("email", type=str.lower)
+    set_role.add_argument("email", type=email_address)
     set_role.add_argument("role", choices=roles)
     set_role.set_defaults(handler=set_role_command)
 
     logout_user = commands.add_parser("logout", help="revoke every token of a user")  # 6
-    logout_user.add_argument("email", type=str.lower)  # 6
+    logout_user.add_argument("email", type=email_address)  # 6
     logout_user.set_defaults(handler=logout_command)  # 6
 
     args = parser.parse_args(argv)
@@ -744,6 +848,8 @@ class PasswordChange(BaseModel):
             "description": "Wrong old password, or a body that cannot be read as JSON text",
         },
         **NOT_AUTHENTICATED,
+        **BUSY,
+        **TOO_LARGE,  # 7
     },
     dependencies=[Depends(oauth2_scheme), Depends(no_store)],
     tags=["6 · Going further"],
@@ -751,9 +857,9 @@ class PasswordChange(BaseModel):
 )
 async def change_password(change: PasswordChange, request: Request):
     user = request.state.user
-    if not await run_hashing(pwd_context.verify, change.old_password, user["password"]):
+    if not await run_hashing(request, pwd_context.verify, change.old_password, user["password"]):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Incorrect password.")
-    new_hash = await run_hashing(pwd_context.hash, change.new_password)
+    new_hash = await run_hashing(request, pwd_context.hash, change.new_password)
     # Only if the token is still current: a logout or another change may have come
     # while we were hashing. The check and the write are one statement, so no race.
     changed = await database.fetch_one(
@@ -768,6 +874,127 @@ async def change_password(change: PasswordChange, request: Request):
         "token": create_access_token(changed),
         "refresh_token": await start_session(changed),  # 8
     }
+
+
+# --- 7 Slow down password guessing ---
+
+FREE_FAILURES = 5  # for one email from one address, before the waits begin
+MAX_WAIT_SECONDS = 15 * 60
+MAX_FAILURES_PER_HOUR = 100  # for one email, and from one address (OWASP ASVS 2.2.1)
+
+failed_logins = sqlalchemy.Table(
+    "failed_logins",
+    metadata,
+    sqlalchemy.Column("id", sqlalchemy.Integer, primary_key=True),
+    # The email as typed, with or without an account: the throttle must not tell which.
+    sqlalchemy.Column("email", sqlalchemy.String(120), nullable=False, index=True),
+    sqlalchemy.Column("address", sqlalchemy.String(45), nullable=False, index=True),
+    # Seconds since 1970 (time.time()): plain numbers, the same on every database.
+    sqlalchemy.Column("failed_at", sqlalchemy.Float, nullable=False, index=True),
+)
+
+
+def client_address(request: Request) -> str:
+    # Behind a proxy this is the proxy's address, unless uvicorn is told to trust
+    # the proxy's X-Forwarded-For header (--forwarded-allow-ips; lesson section 7).
+    return request.client.host if request.client else "unknown"
+
+
+async def failures_since(since: float, *where) -> tuple[int, float | None, float | None]:
+    """How many failed logins match `where` since `since`; the first's and last's times."""
+    row = await database.fetch_one(
+        sqlalchemy.select(
+            sqlalchemy.func.count(),
+            sqlalchemy.func.min(failed_logins.c.failed_at),
+            sqlalchemy.func.max(failed_logins.c.failed_at),
+        ).where(failed_logins.c.failed_at > since, *where)
+    )
+    return row[0], row[1], row[2]
+
+
+def too_many_failures(seconds: float) -> HTTPException:
+    seconds = math.ceil(seconds)
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        f"Too many failed logins: try again in {seconds} seconds.",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+async def check_throttle(email: str, address: str) -> int:
+    """Refuse with 429, before any hash, while this login must wait.
+
+    Returns how many times this email failed from this address in a row.
+    """
+    now = time.time()
+    hour_ago = now - 3600
+    by_email = failed_logins.c.email == email
+    by_address = failed_logins.c.address == address
+    in_a_row, _, last = await failures_since(hour_ago, by_email, by_address)
+    if in_a_row >= FREE_FAILURES:
+        # 1 second after the 5th failure in a row, then 2, 4, 8 … up to 15 minutes.
+        wait = min(2 ** (in_a_row - FREE_FAILURES), MAX_WAIT_SECONDS)
+        if last + wait > now:
+            raise too_many_failures(last + wait - now)
+    # From every address, and for every email: each at most 100 an hour.
+    for rule in (by_email, by_address):
+        count, first, _ = await failures_since(hour_ago, rule)
+        if count >= MAX_FAILURES_PER_HOUR:
+            raise too_many_failures(first + 3600 - now)  # when the oldest is an hour old
+    return in_a_row
+
+
+async def record_failure(email: str, address: str) -> None:
+    now = time.time()
+    await database.execute(
+        failed_logins.insert().values(email=email, address=address, failed_at=now)
+    )
+    # Only the last hour counts: older rows go, so the table does not grow forever.
+    await database.execute(failed_logins.delete().where(failed_logins.c.failed_at < now - 3600))
+
+
+async def forget_failures(email: str, address: str) -> None:
+    # The right password from this address: its failures for this email start again from 0.
+    await database.execute(
+        failed_logins.delete().where(
+            failed_logins.c.email == email, failed_logins.c.address == address
+        )
+    )
+
+
+MAX_BODY_BYTES = 64 * 1024  # the forms of this app are a few hundred bytes
+
+
+class LimitBodySize:
+    """ASGI middleware: refuse a body over MAX_BODY_BYTES with 413, before it is read whole."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if int(declared) > MAX_BODY_BYTES:
+            response = JSONResponse({"detail": "Request body too large."}, 413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive():
+            # Without Content-Length (chunked), count the body as it arrives.
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "Request body too large.")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+app.add_middleware(LimitBodySize)
 
 
 # --- 8 Refresh tokens ---
@@ -838,7 +1065,16 @@ async def start_session(user) -> str:
 
 
 class RefreshIn(BaseModel):
-    refresh_token: str = Field(max_length=1000)
+    refresh_token: PlainText = Field(max_length=1000)
+
+
+async def family_has_ended(family: str) -> bool:
+    ended = await database.fetch_one(
+        refresh_tokens.select().where(
+            refresh_tokens.c.family == family, refresh_tokens.c.family_ended_at.is_not(None)
+        )
+    )
+    return ended is not None
 
 
 async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
@@ -851,7 +1087,7 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
     user = await database.fetch_one(users.select().where(users.c.id == token["user_id"]))
     if user is None:  # deleted since
         raise unauthorized("Invalid refresh token.")
-    if token["family_ended_at"] is not None or token["token_version"] != user["token_version"]:
+    if await family_has_ended(token["family"]) or token["token_version"] != user["token_version"]:
         raise unauthorized("Refresh token revoked.")
     if token["spent_at"] is not None:
         # Used twice: by its owner and by whoever copied it, we cannot tell which came first.
@@ -879,6 +1115,7 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
             "model": ErrorOut,
             "description": "A refresh token that is unknown, spent, expired or revoked",
         },
+        **TOO_LARGE,
     },
     tags=["8 · Going further"],
     summary="8 Trade a refresh token for a new pair of tokens",
@@ -891,6 +1128,12 @@ async def refresh(body: RefreshIn):
         .where(users.c.id == refresh_tokens.c.user_id)
         .scalar_subquery()
     )
+    # Any row of the family, not only this one: a refresh in flight when the family
+    # ended may have stored a successor that the ending UPDATE did not see.
+    ended = refresh_tokens.alias("ended")
+    ended_rows_of_the_family = sqlalchemy.and_(
+        ended.c.family == refresh_tokens.c.family, ended.c.family_ended_at.is_not(None)
+    )
     # Spending it and storing the next one commit together: whoever sees it spent also
     # sees its successor, and ends that too on a reuse.
     async with database.transaction():
@@ -900,7 +1143,7 @@ async def refresh(body: RefreshIn):
             .where(
                 refresh_tokens.c.token_hash == token_hash,
                 refresh_tokens.c.spent_at.is_(None),
-                refresh_tokens.c.family_ended_at.is_(None),
+                ~sqlalchemy.exists().where(ended_rows_of_the_family),
                 refresh_tokens.c.expires_at > now,
                 refresh_tokens.c.family_expires_at > now,
                 refresh_tokens.c.token_version == current_version,

@@ -54,7 +54,8 @@ def test_every_python_block_of_the_core_is_marked():
 def test_lesson_word_counts():
     core = LESSON[: CORE_END.search(LESSON).start()]
     assert prose_words(core) <= 4000, f"the core has {prose_words(core)} words of prose"
-    assert prose_words(LESSON) <= 7000, f"the lesson has {prose_words(LESSON)} words of prose"
+    # The whole lesson: the core, three Going further sections and the appendices.
+    assert prose_words(LESSON) <= 8000, f"the lesson has {prose_words(LESSON)} words of prose"
 
 
 def test_each_going_further_section_is_short():

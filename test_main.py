@@ -17,6 +17,7 @@ never read or touched.
 import asyncio
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -176,6 +177,7 @@ SHIRT = {
     "color": "white",
 }
 BODY = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
+JSON_HEADERS = {"Content-Type": "application/json"}
 # An answer with a token holds it alone; from section 8 on, with a refresh token too.
 TOKEN_ANSWERS = (["token"], ["token", "refresh_token"])
 
@@ -225,6 +227,22 @@ def test_0_dot_env_in_a_parent_folder_is_not_read(app_dir, monkeypatch, tmp_path
     with TestClient(load_app(app_dir).app):
         pass
     assert not (tmp_path / "parent.db").exists(), "0: read only the .env beside main.py"
+
+
+def test_0_a_database_that_cannot_be_opened_stops_startup_clearly(app_dir, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{app_dir / 'no such folder' / 'x.db'}")
+    refusal = startup_refusal(load_app(app_dir), capsys)
+    assert refusal and "Cannot open the database" in refusal and "DATABASE_URL" in refusal, (
+        f"0: say the database cannot be opened, and what to check; got {refusal!r}"
+    )
+    assert "Traceback" not in refusal
+
+
+def test_0_sqlite_runs_in_wal_mode(client, db):
+    if db.dialect.name != "sqlite":
+        pytest.skip("SQLite only")
+    [mode] = rows(db, "PRAGMA journal_mode")
+    assert mode["journal_mode"] == "wal", "0: readers must not wait for writers (create_tables)"
 
 
 def test_0_workers_starting_at_once_create_the_tables_once(app_dir, db):
@@ -511,6 +529,8 @@ def test_1_3_only_a_taken_email_is_409(app_dir, db):
         {"full_name": "Ada\x00Lovelace"},  # PostgreSQL refuses NUL: a 500 there
         {"phone": "+359\x00888"},
         {"full_name": "Ada\nLovelace"},  # no control characters in a name
+        {"phone": "\ud800"},  # half a UTF-16 pair: no database can store it
+        {"email": "İ" * 32 + "@" + "d" * 40 + "." + "e" * 42 + ".com"},  # 152 once lowercased
     ],
     ids=[
         "bad-email",
@@ -525,13 +545,18 @@ def test_1_3_only_a_taken_email_is_409(app_dir, db):
         "nul-name",
         "nul-phone",
         "newline-name",
+        "surrogate-phone",
+        "email-growing-past-120",
     ],
 )
 def test_1_3_invalid_registration_is_422_and_stores_nothing(client, db, change):
     body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
     body.update(change)
     body = {key: value for key, value in body.items() if value is not None}
-    expect(client.post("/register", json=body), 422, "1.3")
+    # json.dumps writes "\ud800" as an escape, as a hostile client can.
+    content = json.dumps(body)
+    response = client.post("/register", content=content, headers=JSON_HEADERS)
+    expect(response, 422, "1.3")
     assert rows(db, "SELECT id FROM users") == []
 
 
@@ -567,7 +592,7 @@ def test_1_3_a_refused_password_is_not_sent_back(client):
 
 
 def test_1_3_a_72_byte_password_is_accepted(client):
-    register(client, password="é" * 36)
+    register(client, password="é" * 22 + "correct horse battery staple")
 
 
 def test_1_3_broken_json_is_422(client):
@@ -599,6 +624,44 @@ def test_1_3_hashing_runs_off_the_event_loop(client, monkeypatch):
     assert loops_seen == [None], (
         "1.3: hash the password in a thread (run_hashing), or every other request waits for it"
     )
+
+
+def test_1_3_a_full_hashing_line_is_503_at_once(app_dir, monkeypatch):
+    module = load_app(app_dir)
+    monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 1)
+    hashing, release = threading.Event(), threading.Event()
+    real_hash = CryptContext.hash
+
+    def slow_hash(self, secret, **kwargs):
+        hashing.set()
+        release.wait(timeout=10)
+        return real_hash(self, secret, **kwargs)
+
+    monkeypatch.setattr(CryptContext, "hash", slow_hash)
+    with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(client.post, "/register", json=BODY)
+        assert hashing.wait(timeout=10), "1.3: the first registration never started its hash"
+        busy = client.post("/register", json={**BODY, "email": "bob@example.com"})
+        release.set()
+        expect(first.result(timeout=10), 201, "1.3: the first in line is served")
+    expect(busy, 503, "1.3: past MAX_HASHES_IN_LINE, answer 503 at once (run_hashing)")
+    assert busy.headers.get("retry-after") == "2", "1.3: say when to come back: Retry-After"
+
+
+class HungUp:
+    """A request whose client has gone: what run_hashing sees after a hang-up."""
+
+    async def is_disconnected(self):
+        return True
+
+
+def test_1_3_a_client_that_hung_up_costs_no_hash(app_dir):
+    module = load_app(app_dir)
+    hashed = []
+    with pytest.raises(module.HTTPException) as refused:
+        asyncio.run(module.run_hashing(HungUp(), hashed.append, "a password"))
+    assert hashed == [], "1.3: check request.is_disconnected() just before the hash"
+    assert refused.value.status_code == 499
 
 
 # --- 2.1 The custom HTTPBearer class -------------------------------------------------
@@ -1285,6 +1348,18 @@ def test_5_commands_take_an_email_in_any_letter_case(app_dir, db, monkeypatch, c
     )
 
 
+def test_5_commands_normalise_an_email_as_the_api_does(app_dir, db, monkeypatch, capsys):
+    with TestClient(load_app(app_dir).app) as client:
+        register(client)
+    run_command(app_dir, monkeypatch, "set-role", "ada@ＥＸＡＭＰＬＥ.com", "admin")
+    assert rows(db, "SELECT role FROM users")[0]["role"] == "admin", (
+        "5: set-role reads the email with the API's rules (email_address)"
+    )
+    with pytest.raises(SystemExit):
+        run_command(app_dir, monkeypatch, "set-role", "not an email", "admin")
+    assert "not a valid email address" in capsys.readouterr().err
+
+
 def test_5_create_user_refuses_control_characters(app_dir, db, monkeypatch):
     with pytest.raises(SystemExit, match="full_name"):
         run_command(app_dir, monkeypatch, "create-user", "b@example.com", "--full-name", "B\x00b")
@@ -1490,7 +1565,7 @@ def test_6_openapi_lists_both_routes(client):
     assert logout and password, "6: add POST /logout and POST /password"
     assert logout["tags"] == password["tags"] == ["6 · Going further"]
     assert set(logout["responses"]) == {"204", "401"}
-    assert set(password["responses"]) == {"200", "400", "401", "422"}
+    assert {"200", "400", "401", "422", "503"} <= set(password["responses"])
     assert password["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/TokenOut"
     }
@@ -1555,8 +1630,12 @@ def test_8_the_database_keeps_only_a_sha256_of_each_token(client, db, database_u
     )
     assert len(pair["refresh_token"]) >= 43, "8: at least 32 random bytes (secrets.token_urlsafe)"
     if database_url.startswith("sqlite"):
-        raw = Path(database_url.removeprefix("sqlite:///")).read_bytes()
-        assert pair["refresh_token"].encode() not in raw, "8: not in the database file either"
+        # The database file, and its write-ahead log beside it (WAL mode).
+        database_file = Path(database_url.removeprefix("sqlite:///"))
+        files = list(database_file.parent.glob(database_file.name + "*"))
+        assert len(files) >= 2, f"8: expected the database and its WAL file, found {files}"
+        for file in files:
+            assert pair["refresh_token"].encode() not in file.read_bytes(), f"8: not in {file}"
 
 
 def test_8_a_spent_token_that_comes_back_ends_its_family(client, db, caplog):
@@ -1572,6 +1651,17 @@ def test_8_a_spent_token_that_comes_back_ends_its_family(client, db, caplog):
     assert len(warnings) == 1 and "family" in warnings[0], f"8: log one warning, got {warnings}"
     assert first["refresh_token"] not in warnings[0], "8: never log the token"
     expect(refresh(client, other_device["refresh_token"]), 200, "8: other logins go on")
+
+
+def test_8_a_successor_stored_as_its_family_ended_is_refused(client, db):
+    # On PostgreSQL a refresh in flight can store its successor just after the UPDATE that
+    # ended the family has looked: that row is not marked, and must be refused all the same.
+    register(client)
+    first = log_in_for_a_pair(client)
+    second = refresh(client, first["refresh_token"]).json()
+    expect(refresh(client, first["refresh_token"]), 401, "8: the reuse")
+    run_sql(db, "UPDATE refresh_tokens SET family_ended_at = NULL WHERE spent_at IS NULL")
+    expect_401(refresh(client, second["refresh_token"]), "Refresh token revoked.", "8")
 
 
 def test_8_refreshes_at_once_with_one_token_one_wins(client):
@@ -1649,6 +1739,12 @@ def test_8_an_unknown_refresh_token_is_refused(client, sent):
     expect_401(refresh(client, sent), "Invalid refresh token.", "8")
 
 
+def test_8_a_refresh_token_that_is_not_text_is_422(client):
+    body = b'{"refresh_token": "' + b"\\ud800" * 43 + b'"}'
+    response = client.post("/refresh", content=body, headers={"Content-Type": "application/json"})
+    expect(response, 422, "8: half a UTF-16 pair cannot be hashed: RefreshIn takes PlainText")
+
+
 def test_8_a_deleted_users_refresh_token_is_refused(client, db):
     register(client)
     pair = log_in_for_a_pair(client)
@@ -1667,5 +1763,162 @@ def test_8_openapi_lists_refresh_without_a_bearer(client):
     operation = client.get("/openapi.json").json()["paths"].get("/refresh", {}).get("post")
     assert operation, "8: add POST /refresh"
     assert operation["tags"] == ["8 · Going further"]
-    assert set(operation["responses"]) == {"200", "400", "401", "422"}
+    assert {"200", "400", "401", "422"} <= set(operation["responses"])
     assert "security" not in operation, "8: /refresh takes the refresh token in its body"
+
+
+# --- 7 Slow down password guessing ---------------------------------------------------------
+
+
+WRONG = {"email": "ada@example.com", "password": "wrong horse"}
+RIGHT = {"email": "ada@example.com", "password": "correct horse"}
+
+
+def hashes_counted(monkeypatch):
+    """Count every password check (verify and dummy_verify) the app makes."""
+    calls = []
+    for name in ("verify", "dummy_verify"):
+        real = getattr(CryptContext, name)
+
+        def counting(self, *args, real=real, **kwargs):
+            calls.append(1)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(CryptContext, name, counting)
+    return calls
+
+
+def expect_429(response, section="7"):
+    expect(response, 429, section)
+    seconds = response.headers.get("retry-after", "")
+    assert seconds.isdigit() and int(seconds) >= 1, f"{section}: 429 needs Retry-After seconds"
+    assert response.json() == {
+        "detail": f"Too many failed logins: try again in {seconds} seconds."
+    }, f"{section}: got {response.json()}"
+    return int(seconds)
+
+
+def failures(db, email, address, count, seconds_ago=0):
+    """Put `count` failed logins into failed_logins, as if they had happened."""
+    table = reflected(db, "failed_logins")
+    when = time.time() - seconds_ago
+    with db.begin() as connection:
+        connection.execute(
+            table.insert(),
+            [{"email": email, "address": address, "failed_at": when} for _ in range(count)],
+        )
+
+
+@pytest.mark.parametrize("email", ["ada@example.com", "nobody@example.com"])
+def test_7_after_five_failures_in_a_row_429_with_no_hash(client, monkeypatch, email):
+    register(client)
+    for _ in range(5):
+        expect_401(
+            client.post("/login", json={**WRONG, "email": email}),
+            "Incorrect email or password.",
+            "7",
+        )
+    checks = hashes_counted(monkeypatch)
+    waited = expect_429(client.post("/login", json={**RIGHT, "email": email}))
+    assert waited == 1, "7: 1 second after the 5th failure in a row"
+    assert checks == [], "7: check the throttle before any hash (check_throttle first)"
+
+
+def test_7_the_wait_doubles_with_each_failure(client, db):
+    register(client)
+    failures(db, "ada@example.com", "testclient", 8)
+    assert expect_429(client.post("/login", json=RIGHT)) == 8, "7: 2 ** (8 - 5) seconds"
+    failures(db, "ada@example.com", "testclient", 92)
+    assert expect_429(client.post("/login", json=RIGHT)) in (899, 900), "7: at most 15 minutes"
+
+
+def test_7_the_right_password_clears_the_failures_in_a_row(client, db):
+    register(client)
+    failures(db, "ada@example.com", "testclient", 4)
+    expect(client.post("/login", json=RIGHT), 200, "7: 4 failures leave the right password in")
+    for _ in range(4):
+        expect(client.post("/login", json=WRONG), 401, "7: the count started again")
+    expect(client.post("/login", json=RIGHT), 200, "7")
+    assert rows(db, "SELECT * FROM failed_logins") == [], "7: a success forgets that pair"
+
+
+def test_7_the_owner_logs_in_while_another_address_guesses(client, db):
+    register(client)
+    failures(db, "ada@example.com", "203.0.113.9", 50)
+    expect(client.post("/login", json=RIGHT), 200, "7: failures from elsewhere do not lock Ada out")
+
+
+def test_7_at_most_100_failures_an_hour_for_one_account(client, db):
+    register(client)
+    for address in range(100):
+        failures(db, "ada@example.com", f"203.0.113.{address}", 1, seconds_ago=600)
+    waited = expect_429(client.post("/login", json=RIGHT))
+    assert 2990 <= waited <= 3000, "7: until the oldest failure is an hour old"
+    run_sql(db, "UPDATE failed_logins SET failed_at = failed_at - 3000")
+    expect(client.post("/login", json=RIGHT), 200, "7: an hour later the account is open again")
+
+
+def test_7_at_most_100_failures_an_hour_from_one_address(client, db):
+    register(client)
+    for number in range(100):
+        failures(db, f"user{number}@example.com", "testclient", 1)
+    expect_429(client.post("/login", json=RIGHT))
+
+
+def test_7_a_classroom_behind_one_address_logs_in(client, db):
+    emails = [f"student{number}@example.com" for number in range(30)]
+    for email in emails:
+        register(client, email=email)
+    failures(db, "ada@example.com", "testclient", 4)  # one student kept mistyping
+    for email in emails:
+        response = client.post("/login", json={"email": email, "password": "correct horse"})
+        expect(response, 200, "7: only failures count, never logins")
+
+
+def test_7_failures_older_than_an_hour_are_purged(client, db):
+    register(client)
+    failures(db, "eve@example.com", "203.0.113.1", 3, seconds_ago=3700)
+    expect(client.post("/login", json=WRONG), 401, "7")
+    assert [row["email"] for row in rows(db, "SELECT email FROM failed_logins")] == [
+        "ada@example.com"
+    ], "7: record_failure deletes the rows more than an hour old"
+
+
+@pytest.mark.parametrize("password", ["password", "12345678", " " * 8, "qwertyuiop"])
+def test_7_common_passwords_are_refused(client, db, password):
+    response = client.post("/register", json={**BODY, "password": password})
+    expect(response, 422, "7: refuse a password zxcvbn scores below 2 (is_hard_to_guess)")
+    assert "too common or too easy to guess" in response.text, "7: name the rule"
+    assert [problem.get("input") for problem in response.json()["detail"]] == [None], (
+        "7: never repeat the refused password"
+    )
+    assert rows(db, "SELECT id FROM users") == []
+
+
+def test_7_common_passwords_are_refused_at_change_and_in_the_command(app_dir, db, monkeypatch):
+    with TestClient(load_app(app_dir).app) as client:
+        token = register(client)
+        change = {"old_password": "correct horse", "new_password": "password1"}
+        expect(client.post("/password", json=change, headers=bearer(token)), 422, "7")
+    with pytest.raises(SystemExit, match="too common"):
+        run_command(app_dir, monkeypatch, "create-user", "boss@example.com", password="iloveyou")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_7_a_body_over_64_kib_is_413(client, db, chunked):
+    body = b'{"email": "ada@example.com", "password": "' + b"x" * 70_000 + b'"}'
+    content = iter([body[:1000], body[1000:]]) if chunked else body
+    response = client.post(
+        "/register", content=content, headers={"Content-Type": "application/json"}
+    )
+    expect(response, 413, "7: LimitBodySize refuses a body over MAX_BODY_BYTES")
+    assert response.json() == {"detail": "Request body too large."}
+    assert rows(db, "SELECT id FROM users") == []
+
+
+def test_7_openapi_declares_429_413_and_503(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"429", "413", "503"} <= set(paths["/login"]["post"]["responses"])
+    for path in ("/register", "/password"):
+        assert {"413", "503"} <= set(paths[path]["post"]["responses"]), f"7: {path}"
+    assert "413" in paths["/clothes/"]["post"]["responses"]
