@@ -7,6 +7,7 @@ A test's section comes from its name (test_2_1_... checks 2.1). Run pytest with
 --tb=long to see the full traceback instead.
 """
 
+import gc
 import os
 import re
 from pathlib import Path
@@ -71,6 +72,12 @@ def describe(error: BaseException, traceback) -> str:
         if clue in text:
             return f"{section}: {hint}. {text}"
     return text
+
+
+def pytest_collection_finish(session):
+    # What is loaded by now (pytest, FastAPI, SQLAlchemy) lives until the end: keep it out of
+    # the garbage collector's full sweeps, which each test's new app makes frequent.
+    gc.freeze()
 
 
 @pytest.hookimpl(wrapper=True)

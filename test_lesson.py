@@ -176,6 +176,7 @@ def test_env_example_lists_every_setting():
 def test_swagger_groups_operations_by_lesson_section(tmp_path, monkeypatch):
     # Students spend section 2.2 in Swagger: it should read like the lesson.
     monkeypatch.setenv("JWT_SECRET", "s" * 32)
+    monkeypatch.setenv("BCRYPT_ROUNDS", "4")  # main.py times one hash at import
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'test.db'}")
     monkeypatch.syspath_prepend(HERE)
     import main
