@@ -977,7 +977,9 @@ class LimitBodySize:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if int(declared) > MAX_BODY_BYTES:
-            response = JSONResponse({"detail": "Request body too large."}, 413)
+            response = JSONResponse(
+                {"detail": "Request body too large."}, status.HTTP_413_CONTENT_TOO_LARGE
+            )
             await response(scope, receive, send)
             return
         received = 0
