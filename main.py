@@ -916,7 +916,7 @@ def too_many_failures(seconds: float) -> HTTPException:
     seconds = math.ceil(seconds)
     return HTTPException(
         status.HTTP_429_TOO_MANY_REQUESTS,
-        f"Too many failed logins: try again in {seconds} seconds.",
+        f"Too many failed logins: try again in {seconds} s.",
         headers={"Retry-After": str(seconds)},
     )
 

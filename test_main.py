@@ -1757,7 +1757,7 @@ def expect_429(response, section="7"):
     seconds = response.headers.get("retry-after", "")
     assert seconds.isdigit() and int(seconds) >= 1, f"{section}: 429 needs Retry-After seconds"
     assert response.json() == {
-        "detail": f"Too many failed logins: try again in {seconds} seconds."
+        "detail": f"Too many failed logins: try again in {seconds} s."
     }, f"{section}: got {response.json()}"
     return int(seconds)
 
