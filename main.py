@@ -702,7 +702,7 @@ class UserLogin(BaseModel):
 )
 async def login(credentials: UserLogin, request: Request):
     address = client_address(request)  # 7
-    failures = await check_throttle(credentials.email, address)  # 7
+    await claim_attempt(credentials.email, address)  # 7
     user = await database.fetch_one(users.select().where(users.c.email == credentials.email))
     if user is None:
         # Hash anyway, so the response time does not tell which emails exist.
@@ -711,10 +711,8 @@ async def login(credentials: UserLogin, request: Request):
         password = user["password"]
         password_ok = await run_hashing(request, pwd_context.verify, credentials.password, password)
     if not password_ok:
-        await record_failure(credentials.email, address)  # 7
         raise unauthorized("Incorrect email or password.")
-    if failures:  # 7
-        await forget_failures(credentials.email, address)
+    await forget_failures(credentials.email, address)  # 7
     return {
         "token": create_access_token(user),
         "refresh_token": await start_session(user),  # 8
@@ -921,16 +919,12 @@ def too_many_failures(seconds: float) -> HTTPException:
     )
 
 
-async def check_throttle(email: str, address: str) -> int:
-    """Refuse with 429, before any hash, while this login must wait.
-
-    Returns how many times this email failed from this address in a row.
-    """
-    now = time.time()
+async def check_throttle(email: str, address: str, now: float, *others) -> None:
+    """Refuse with 429 while this login must wait. `others` picks the failures that count."""
     hour_ago = now - 3600
     by_email = failed_logins.c.email == email
     by_address = failed_logins.c.address == address
-    in_a_row, _, last = await failures_since(hour_ago, by_email, by_address)
+    in_a_row, _, last = await failures_since(hour_ago, by_email, by_address, *others)
     if in_a_row >= FREE_FAILURES:
         # 1 second after the 5th failure in a row, then 2, 4, 8 … up to 15 minutes.
         wait = min(2 ** (in_a_row - FREE_FAILURES), MAX_WAIT_SECONDS)
@@ -938,23 +932,34 @@ async def check_throttle(email: str, address: str) -> int:
             raise too_many_failures(last + wait - now)
     # From every address, and for every email: each at most 100 an hour.
     for rule in (by_email, by_address):
-        count, first, _ = await failures_since(hour_ago, rule)
+        count, first, _ = await failures_since(hour_ago, rule, *others)
         if count >= MAX_FAILURES_PER_HOUR:
             raise too_many_failures(first + 3600 - now)  # when the oldest is an hour old
-    return in_a_row
 
 
-async def record_failure(email: str, address: str) -> None:
+async def claim_attempt(email: str, address: str) -> None:
+    """Count this login as failed before its hash, or refuse it with 429, before any hash.
+
+    Written down first, checked second, in one transaction: guesses sent at the same
+    moment cannot all pass a check that none of them has counted in yet.
+    """
     now = time.time()
-    await database.execute(
-        failed_logins.insert().values(email=email, address=address, failed_at=now)
-    )
-    # Only the last hour counts: older rows go, so the table does not grow forever.
-    await database.execute(failed_logins.delete().where(failed_logins.c.failed_at < now - 3600))
+    async with database.transaction():  # a 429 rolls it back: a refusal is not counted
+        if database.url.dialect == "postgresql":
+            # One at a time per email and per address (SQLite: the INSERT locks the file).
+            for key in (email, address):
+                lock = sqlalchemy.func.pg_advisory_xact_lock(sqlalchemy.func.hashtext(key))
+                await database.fetch_val(sqlalchemy.select(lock))
+        id_ = await database.execute(
+            failed_logins.insert().values(email=email, address=address, failed_at=now)
+        )
+        await check_throttle(email, address, now, failed_logins.c.id != id_)
+        # Only the last hour counts: older rows go, so the table does not grow forever.
+        await database.execute(failed_logins.delete().where(failed_logins.c.failed_at < now - 3600))
 
 
 async def forget_failures(email: str, address: str) -> None:
-    # The right password from this address: its failures for this email start again from 0.
+    # The right password: this email's failures from this address (this attempt too) go.
     await database.execute(
         failed_logins.delete().where(
             failed_logins.c.email == email, failed_logins.c.address == address

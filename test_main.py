@@ -1756,9 +1756,9 @@ def expect_429(response, section="7"):
     expect(response, 429, section)
     seconds = response.headers.get("retry-after", "")
     assert seconds.isdigit() and int(seconds) >= 1, f"{section}: 429 needs Retry-After seconds"
-    assert response.json() == {
-        "detail": f"Too many failed logins: try again in {seconds} s."
-    }, f"{section}: got {response.json()}"
+    assert response.json() == {"detail": f"Too many failed logins: try again in {seconds} s."}, (
+        f"{section}: got {response.json()}"
+    )
     return int(seconds)
 
 
@@ -1786,6 +1786,20 @@ def test_7_after_five_failures_in_a_row_429_with_no_hash(client, monkeypatch, em
     waited = expect_429(client.post("/login", json={**RIGHT, "email": email}))
     assert waited == 1, "7: 1 second after the 5th failure in a row"
     assert checks == [], "7: check the throttle before any hash (check_throttle first)"
+
+
+def test_7_guesses_sent_at_once_all_count(client, db):
+    register(client)
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(lambda _: client.post("/login", json=WRONG), range(20)))
+    codes = [answer.status_code for answer in answers]
+    assert codes.count(401) <= 5 and set(codes) <= {401, 429}, (
+        "7: guesses at once must see each other: write the attempt down before the hash and "
+        f"check in the same transaction (claim_attempt); got {sorted(codes)}"
+    )
+    assert len(rows(db, "SELECT id FROM failed_logins")) == codes.count(401), (
+        "7: each checked guess leaves one row, each refused one none"
+    )
 
 
 def test_7_the_wait_doubles_with_each_failure(client, db):
