@@ -13,6 +13,7 @@ import time
 
 # Settings come from the .env a script writes, never from whoever runs it.
 SETTINGS = ("JWT_SECRET", "DATABASE_URL", "BCRYPT_ROUNDS", "JWT_EXPIRES_MINUTES")
+SETTINGS += ("REFRESH_EXPIRES_DAYS", "SESSION_EXPIRES_DAYS")  # section 8
 results = []  # True or False for each check reported
 servers = []  # every server started, so none outlives the script
 
