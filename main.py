@@ -403,20 +403,32 @@ hashing_threads = asyncio.Semaphore(CORES)
 hashes_in_line = 0
 
 
+def hashing_line_is_full() -> bool:
+    return hashes_in_line >= MAX_HASHES_IN_LINE
+
+
+def too_busy() -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "Too many passwords to check at once: try again in a moment.",
+        headers={"Retry-After": "2"},
+    )
+
+
+def client_gone() -> HTTPException:
+    return HTTPException(499, "The client hung up.")  # nginx's code for it; nobody reads it
+
+
 async def run_hashing(request: Request, function, *args):
     global hashes_in_line
-    if hashes_in_line >= MAX_HASHES_IN_LINE:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "Too many passwords to check at once: try again in a moment.",
-            headers={"Retry-After": "2"},
-        )
+    if hashing_line_is_full():
+        raise too_busy()
     hashes_in_line += 1
     try:
         async with hashing_threads:  # wait here, on the event loop, for a free thread
             # Checked just before the hash: a client that has hung up costs no hash.
             if await request.is_disconnected():
-                raise HTTPException(499, "The client hung up.")  # nginx's code for this
+                raise client_gone()
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(hashing_pool, function, *args)
     finally:
@@ -702,7 +714,7 @@ class UserLogin(BaseModel):
 )
 async def login(credentials: UserLogin, request: Request):
     address = client_address(request)  # 7
-    await claim_attempt(credentials.email, address)  # 7
+    await claim_attempt(request, credentials.email, address)  # 7
     user = await database.fetch_one(users.select().where(users.c.email == credentials.email))
     if user is None:
         # Hash anyway, so the response time does not tell which emails exist.
@@ -937,12 +949,18 @@ async def check_throttle(email: str, address: str, now: float, *others) -> None:
             raise too_many_failures(first + 3600 - now)  # when the oldest is an hour old
 
 
-async def claim_attempt(email: str, address: str) -> None:
+async def claim_attempt(request: Request, email: str, address: str) -> None:
     """Count this login as failed before its hash, or refuse it with 429, before any hash.
 
     Written down first, checked second, in one transaction: guesses sent at the same
     moment cannot all pass a check that none of them has counted in yet.
     """
+    # What run_hashing (1.3) would refuse is refused before it is counted: a user turned
+    # away by a busy server has not failed, and a flood of those writes nothing.
+    if hashing_line_is_full():
+        raise too_busy()
+    if await request.is_disconnected():
+        raise client_gone()
     now = time.time()
     async with database.transaction():  # a 429 rolls it back: a refusal is not counted
         if database.url.dialect == "postgresql":

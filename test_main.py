@@ -1802,6 +1802,20 @@ def test_7_guesses_sent_at_once_all_count(client, db):
     )
 
 
+def test_7_a_login_turned_away_by_a_busy_server_is_not_counted(app_dir, db, monkeypatch):
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        register(client)
+        monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 0)  # the line is full
+        for _ in range(6):
+            expect(client.post("/login", json=RIGHT), 503, "7")
+        assert rows(db, "SELECT id FROM failed_logins") == [], (
+            "7: refuse what run_hashing would refuse before claim_attempt writes it down"
+        )
+        monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 10)
+        expect(client.post("/login", json=RIGHT), 200, "7: six 503s are no six failures")
+
+
 def test_7_the_wait_doubles_with_each_failure(client, db):
     register(client)
     failures(db, [("ada@example.com", "testclient")] * 8)
