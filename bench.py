@@ -7,13 +7,18 @@ Two more servers read the same database, for comparison: the app with the token
 check overridden, and a plain sync SQLAlchemy app; a small script then times the
 token check's query alone, in one process. Every figure is the median of
 ROUNDS rounds, and each section shows the load average it started at: other
-programs on the machine slow every figure down. The servers stop at the end, then
-the test suite is timed. It prints figures and goals; it asserts nothing.
+programs on the machine slow every figure down. Section 3b attacks the login, once
+each: 100 clients that hang up, then 30 addresses that flood it while a real user
+logs in and a reader reads. Its clients come from their own loopback addresses
+(127.0.2.1 and so on), which Linux answers on; elsewhere it is skipped. The servers
+stop at the end, then the test suite is timed. It prints figures and goals; it
+asserts nothing.
 
 BENCH_DATABASE_URL=postgresql://... python bench.py measures on PostgreSQL
 instead. It empties that database first: give it a throwaway one.
 """
 
+import functools
 import http.client
 import json
 import os
@@ -26,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,8 +42,13 @@ import sqlalchemy
 ROOT = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1
 ROUNDS = 3
-USER = {"email": "reader@example.com", "password": "password123", "full_name": "Reader"}
+# Passwords zxcvbn scores 2 or more: the app refuses easier ones (lesson section 7).
+USER = {"email": "reader@example.com", "password": "correct horse battery", "full_name": "Reader"}
 LOGIN = {"email": USER["email"], "password": USER["password"]}
+ADMIN_LOGIN = {"email": "admin@example.com", "password": "staple battery horse correct"}
+ATTACKERS = 30  # addresses 127.0.2.1 to 127.0.2.30: Linux routes all of 127.0.0.0/8 to loopback
+ATTACK_SECONDS = 10
+HUNG_UP_LOGINS = 100
 TEST_COMMAND = [sys.executable, "-m", "pytest", "-W", "error", "-q"]
 POSTGRESQL_URL = os.environ.get("BENCH_DATABASE_URL")
 goals = []  # (goal, met), for the summary at the end
@@ -131,6 +142,52 @@ async def measure():
 asyncio.run(measure())
 """
 
+# Attackers for section 3b, in a process of their own, so that their threads never
+# make this process's clients wait for its GIL. Each thread is one attacker with its own
+# loopback address, 127.0.2.<n>; it logs in with unknown emails as fast as it can for the
+# given seconds, waiting only for each answer, obeying no Retry-After.
+# Prints the count of each answer, the seconds they ran, and their CPU seconds, as JSON.
+ATTACK_SCRIPT = """
+import collections, http.client, json, sys, threading, time
+
+port, attackers, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+answers = collections.Counter()
+lock = threading.Lock()
+started = time.perf_counter()
+
+def attack(number):
+    connection = None
+    for tries in range(100_000):
+        if time.perf_counter() > started + seconds:
+            break
+        email = f"nobody-{number}-{tries}@example.com"
+        body = json.dumps({"email": email, "password": f"guess number {tries}"})
+        try:
+            if connection is None:
+                address = (f"127.0.2.{number}", 0)
+                connection = http.client.HTTPConnection(
+                    "127.0.0.1", port, timeout=10, source_address=address
+                )
+            connection.request("POST", "/login", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            answer = str(response.status)
+        except (OSError, http.client.HTTPException) as error:  # start a new connection
+            answer = type(error).__name__
+            connection.close()
+            connection = None
+        with lock:
+            answers[answer] += 1
+
+threads = [threading.Thread(target=attack, args=(n,)) for n in range(1, attackers + 1)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+took = time.perf_counter() - started
+print(json.dumps({"answers": answers, "seconds": took, "cpu": time.process_time()}))
+"""
+
 
 # --- Servers and clients ------------------------------------------------------
 
@@ -185,13 +242,18 @@ def stop_server(server):
 
 
 class Client:
-    """One keep-alive connection, as a browser keeps one."""
+    """One keep-alive connection, as a browser keeps one, from a loopback address."""
 
-    def __init__(self, port):
-        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    def __init__(self, port, address="127.0.0.1", timeout=120):
+        self.connection = http.client.HTTPConnection(
+            "127.0.0.1", port, timeout=timeout, source_address=(address, 0)
+        )
 
     def request(self, method, path, body=None, token=None, expect=200):
-        """Send one request; return its latency in seconds, and keep its answer."""
+        """Send one request; return its latency in seconds, and keep its answer.
+
+        expect: the status, a tuple of statuses, or None for any; self.status says which.
+        """
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -199,16 +261,36 @@ class Client:
         self.connection.request(method, path, body and json.dumps(body), headers)
         response = self.connection.getresponse()
         self.answer = response.read()
-        if response.status != expect:
+        self.status, self.headers = response.status, response.headers
+        allowed = expect if isinstance(expect, tuple) else (expect,)
+        if expect is not None and response.status not in allowed:
             raise RuntimeError(f"{method} {path}: {response.status} {self.answer[:200]}")
         return time.perf_counter() - started
 
 
 def in_threads(count, work):
-    """Run work() in count threads at once; return their results (or raise their error)."""
+    """Run work(0) to work(count - 1) in threads at once; return their results (or raise)."""
     with ThreadPoolExecutor(count) as pool:
-        running = [pool.submit(work) for _ in range(count)]
+        running = [pool.submit(work, number) for number in range(count)]
         return [future.result() for future in running]
+
+
+@functools.cache
+def loopback_addresses_work():
+    """Linux answers on all of 127.0.0.0/8; macOS, by default, on 127.0.0.1 alone."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((f"127.0.2.{ATTACKERS}", 0))
+        return True
+    except OSError:
+        return False
+
+
+def login_address(number):
+    """A loopback address of its own for each client that logs in at the same time as
+    others, 127.0.1.<number + 1>: main.py counts a login in flight as a failure until its
+    hash says otherwise, and refuses the 6th in a row from one address with 429."""
+    return f"127.0.1.{number + 1}" if loopback_addresses_work() else "127.0.0.1"
 
 
 def ms(latencies, percent):
@@ -223,6 +305,11 @@ def row(label, *cells):
 
 def heading(text):
     print(f"\n{text} (load average {os.getloadavg()[0]:.1f})", flush=True)
+
+
+def note(label, text):
+    """One line of text, beside a label of the table's width."""
+    print(f"   {label:<34} {text}".rstrip(), flush=True)
 
 
 def goal(text, met):
@@ -244,13 +331,13 @@ def reads_during_logins(port, token, logins, count=300):
     p50, p90 and p99 in ms while `logins` clients log in over and over."""
     stop = threading.Event()
 
-    def log_in():
-        client = Client(port)
+    def log_in(number):
+        client = Client(port, login_address(number))
         while not stop.is_set():
             client.request("POST", "/login", LOGIN)
 
     with ThreadPoolExecutor(max(logins, 1)) as pool:
-        running = [pool.submit(log_in) for _ in range(logins)]
+        running = [pool.submit(log_in, number) for number in range(logins)]
         time.sleep(0.5 if logins else 0)  # let the hashing queue fill up
         reader = Client(port)
         latencies = [reader.request("GET", "/clothes/", token=token) for _ in range(count)]
@@ -261,21 +348,25 @@ def reads_during_logins(port, token, logins, count=300):
 
 
 def hashing_rate(port, path, clients=4 * CORES, each=3):
-    """Why: every login and register costs one hash. Requests/s with many at once."""
+    """Why: every login and register costs one hash. Requests/s with many at once,
+    and how many were turned away with 503: this many at once must fit the hashing line."""
 
-    def client():
-        connection = Client(port)
+    def client(number):
+        connection = Client(port, login_address(number))
+        busy = 0
         for _ in range(each):
             if path == "/login":
-                connection.request("POST", path, LOGIN)
+                connection.request("POST", path, LOGIN, expect=(200, 503))
             else:  # a new email each time: a taken one is a 409 without a hash
                 email = f"user-{secrets.token_hex(8)}@example.com"
                 body = {**USER, "email": email}
-                connection.request("POST", path, body, expect=201)
+                connection.request("POST", path, body, expect=(201, 503))
+            busy += connection.status == 503
+        return busy
 
     started = time.perf_counter()
-    in_threads(clients, client)
-    return [clients * each / (time.perf_counter() - started)]
+    busy = sum(in_threads(clients, client))
+    return [(clients * each - busy) / (time.perf_counter() - started), busy]
 
 
 def one_hash_seconds(cost):
@@ -283,9 +374,104 @@ def one_hash_seconds(cost):
     times = []
     for _ in range(ROUNDS):
         started = time.perf_counter()
-        bcrypt.hashpw(b"password123", bcrypt.gensalt(cost))
+        bcrypt.hashpw(USER["password"].encode(), bcrypt.gensalt(cost))
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def hung_up_logins(port, count=HUNG_UP_LOGINS, address="127.0.3.1"):
+    """Why: a client that hangs up must cost no hash. Each of `count` raw sockets sends
+    a whole POST /login for an unknown email and closes at once. Returns the seconds."""
+    started = time.perf_counter()
+    for number in range(count):
+        body = json.dumps({"email": f"gone-{number}@example.com", "password": "a guess"})
+        head = "POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", port), source_address=(address, 0)) as sock:
+            sock.sendall((head + body).encode())
+    return time.perf_counter() - started
+
+
+def cpu_seconds(pid):
+    """CPU seconds so far of a process: its event loop (the main thread), its threads at
+    nice 19 (main.py's hashing pool), and the rest (aiosqlite's threads, and any ended);
+    and the seconds its event loop was ready to run but waited for a core (schedstat).
+    Linux only: None where there is no /proc."""
+
+    def times(stat_file):
+        fields = stat_file.read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[16])
+
+    try:
+        total = times(Path(f"/proc/{pid}/stat"))[0]
+        loop = hashing = 0.0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                seconds, nice = times(task / "stat")
+            except OSError:  # the thread ended meanwhile
+                continue
+            if task.name == str(pid):
+                loop = seconds
+            elif nice == 19:
+                hashing += seconds
+        waited = int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except OSError:
+        return None
+    other = total - loop - hashing
+    return {"event loop": loop, "waiting": waited, "hashing": hashing, "other": other}
+
+
+def machine_busy():
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat; None without."""
+    try:
+        ticks = [int(tick) for tick in Path("/proc/stat").read_text().split()[1:9]]
+    except OSError:
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
+
+
+def during_flood(port, token, seconds):
+    """Why: an attack on /login must not lock out the real users or slow the readers.
+    For `seconds`, a real user logs in about once a second from 127.0.0.5, and a
+    reader reads GET /clothes/ over and over. Returns (login answers, read answers):
+    lists of (status, seconds, has Retry-After), the status "no answer" on a timeout."""
+    deadline = time.perf_counter() + seconds
+
+    def log_in():
+        answers = []
+        user = Client(port, "127.0.0.5", timeout=10)
+        while time.perf_counter() < deadline and len(answers) < 2 * seconds:
+            started = time.perf_counter()
+            try:
+                took = user.request("POST", "/login", LOGIN, expect=None)
+                answers.append((user.status, took, "Retry-After" in user.headers))
+            except OSError:  # no answer within 10 s: a new connection for the next try
+                answers.append(("no answer", time.perf_counter() - started, False))
+                user = Client(port, "127.0.0.5", timeout=10)
+            time.sleep(max(0, started + 1 - time.perf_counter()))
+        return answers
+
+    def read():
+        answers = []
+        reader = Client(port, timeout=10)
+        while time.perf_counter() < deadline and len(answers) < 50_000:
+            started = time.perf_counter()
+            try:
+                took = reader.request("GET", "/clothes/", token=token, expect=None)
+                answers.append((reader.status, took, False))
+            except OSError:
+                answers.append(("no answer", time.perf_counter() - started, False))
+                reader = Client(port, timeout=10)
+        return answers
+
+    with ThreadPoolExecutor(2) as pool:
+        logins, reads = pool.submit(log_in), pool.submit(read)
+        return logins.result(), reads.result()
+
+
+def listed(tally):
+    """{"200": 3, "503": 5} as '200 x3, 503 x5'."""
+    return ", ".join(f"{status} x{count}" for status, count in sorted(tally.items(), key=str))
 
 
 def tests_seconds(*selection):
@@ -309,16 +495,16 @@ def tests_seconds(*selection):
 def prepare(workdir, port):
     """An admin adds 20 clothes; a plain user gets the token the readers send."""
     subprocess.run(
-        [sys.executable, "main.py", "create-user", "admin@example.com"],
+        [sys.executable, "main.py", "create-user", ADMIN_LOGIN["email"]],
         cwd=workdir,
         env=server_environment(workdir),
-        input="password123\n",
+        input=ADMIN_LOGIN["password"] + "\n",
         text=True,
         check=True,
         capture_output=True,
     )
     client = Client(port)
-    client.request("POST", "/login", {"email": "admin@example.com", "password": "password123"})
+    client.request("POST", "/login", ADMIN_LOGIN)
     admin = json.loads(client.answer)["token"]
     for number in range(20):
         shirt = {
@@ -420,12 +606,113 @@ def hashing_throughput(port, cost):
         f"   one hash takes {seconds:.3f} s: {CORES} cores hash at most "
         f"{ceiling:.1f} per second, the ceiling"
     )
-    row("", "per s", "ceiling", "share")
-    rates = {path: medians(hashing_rate, port, path)[0] for path in ("/login", "/register")}
-    for path, rate in rates.items():
-        row(f"POST {path}", rate, ceiling, f"{rate / ceiling:.0%}")
+    row("", "per s", "ceiling", "share", "503s")
+    rates, busy = {}, {}
+    for path in ("/login", "/register"):
+        runs = [hashing_rate(port, path) for _ in range(ROUNDS)]
+        rates[path] = statistics.median(rate for rate, _ in runs)
+        busy[path] = sum(count for _, count in runs)  # all rounds: there should be none
+        row(f"POST {path}", rates[path], ceiling, f"{rates[path] / ceiling:.0%}", busy[path])
     share = rates["/login"] / ceiling
     goal(f"logins at 90% of the ceiling or more: {share:.0%}", share >= 0.9)
+    asked = ROUNDS * 4 * CORES * 3
+    goal(
+        f"no 503 for {4 * CORES} logins at once: {busy['/login']} of {asked} logins",
+        busy["/login"] == 0,
+    )
+
+
+def login_under_attack(server, port, token):
+    """Why: anyone can send POST /login. Hung-up clients and a flood of guesses from
+    many addresses must not lock the real users out, nor slow down everyone else."""
+    heading("3b. Login under attack")
+    if not loopback_addresses_work():
+        print(f"   skipped: this machine does not answer on 127.0.2.{ATTACKERS} (Linux does)")
+        return
+    real = Client(port)
+    before = cpu_seconds(server.pid)
+    idle = statistics.median(real.request("POST", "/login", LOGIN) for _ in range(5))
+    after = cpu_seconds(server.pid)
+    note("a real login, idle (median of 5)", f"{idle:.2f} s")
+
+    sent = hung_up_logins(port)
+    real = Client(port, timeout=30)
+    took = real.request("POST", "/login", LOGIN, expect=None)
+    time.sleep(2)  # the hashes of the hung-up logins, if any, end
+    note(f"{HUNG_UP_LOGINS} hung-up logins, 127.0.3.1", f"sent and closed in {sent:.2f} s")
+    if before and after and after["hashing"] > before["hashing"]:
+        # How many hashes they cost: the hashing threads' CPU since, / one idle login's.
+        one_hash = (after["hashing"] - before["hashing"]) / 5
+        hashed = (cpu_seconds(server.pid)["hashing"] - after["hashing"]) / one_hash - 1
+        note("hashes they cost", f"{max(hashed, 0):.0f} (hashing CPU, less the real login's)")
+    note("a real login right after them", f"{took:.2f} s: {real.status}")
+    limit = max(2, 4 * idle)
+    goal(
+        f"a real login after {HUNG_UP_LOGINS} hung-up logins gets in within {limit:.1f} s "
+        f"(2 s, or 4x idle if more): {took:.2f} s, {real.status}",
+        took <= limit and real.status == 200,
+    )
+
+    idle_p50, idle_p90, _ = medians(reads_during_logins, port, token, 0)
+    print(f"   {ATTACKERS} attackers, 127.0.2.1 to 127.0.2.{ATTACKERS}, log in with unknown emails")
+    print(f"   for {ATTACK_SECONDS} s, as fast as they can, obeying no Retry-After. Meanwhile a")
+    print("   real user logs in every second from 127.0.0.5, and a reader reads GET /clothes/.")
+    attack = subprocess.Popen(
+        [sys.executable, "-c", ATTACK_SCRIPT, str(port), str(ATTACKERS), str(ATTACK_SECONDS)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1)  # the attackers fill the hashing line
+        cpu_before, machine_before = cpu_seconds(server.pid), machine_busy()
+        measured = time.perf_counter()
+        logins, reads = during_flood(port, token, ATTACK_SECONDS - 2)
+        measured = time.perf_counter() - measured
+        cpu_after, machine_after = cpu_seconds(server.pid), machine_busy()
+        attacked = json.loads(attack.communicate(timeout=60)[0])
+    finally:
+        if attack.poll() is None:  # it ends by itself; stopped only if something failed
+            attack.kill()
+            attack.wait()
+    tried = sum(attacked["answers"].values())
+    note(
+        "the attackers' logins",
+        f"{tried} in {attacked['seconds']:.1f} s, {tried / attacked['seconds']:.0f} per s: "
+        + listed(attacked["answers"]),
+    )
+    note("the real user's logins", listed(Counter(status for status, _, _ in logins)))
+    note("each, in turn: status seconds", ", ".join(f"{s} {took:.2f}" for s, took, _ in logins))
+    slowest = max(took for _, took, _ in logins)
+    answered = all(
+        status == 200 or (status in (429, 503) and retry_after) for status, _, retry_after in logins
+    )
+    row("", "p50 ms", "p90 ms", "p90/idle")
+    row("reads, idle", idle_p50, idle_p90, "1.00")
+    p50, p90 = [ms([took for status, took, _ in reads if status == 200], n) for n in (50, 90)]
+    row("reads during the flood", p50, p90, f"{p90 / idle_p90:.2f}")
+    note("the reads' answers", listed(Counter(status for status, _, _ in reads)))
+
+    if cpu_before and cpu_after:
+        share = {part: (cpu_after[part] - cpu_before[part]) / measured for part in cpu_before}
+        note(
+            "the server's CPU, % of one core",
+            f"event loop {share['event loop']:.0%}, hashing threads {share['hashing']:.0%}, "
+            f"other threads {share['other']:.0%}",
+        )
+        note("its event loop waited for a core", f"{share['waiting']:.0%} of the time")
+    note("the attackers' CPU", f"{attacked['cpu'] / attacked['seconds']:.0%} of one core")
+    if machine_before and machine_after:
+        busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
+        note(f"the machine's {CORES} cores", f"{busy:.0%} busy")
+    goal(
+        f"every real login answered within 3 s, 200 or 429/503 with Retry-After: "
+        f"slowest {slowest:.2f} s",
+        answered and slowest <= 3,
+    )
+    goal(
+        f"reads' p90 during the flood at most 2x idle: {p90 / idle_p90:.2f}x",
+        p90 <= 2 * idle_p90,
+    )
 
 
 def test_times():
@@ -465,6 +752,7 @@ def main():
             stop_server(servers.pop())
         event_loop_health(port, token)
         hashing_throughput(port, cost)
+        login_under_attack(server, port, token)
     finally:
         for server in servers:
             stop_server(server)
