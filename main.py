@@ -723,6 +723,7 @@ async def login(credentials: UserLogin, request: Request):
         password = user["password"]
         password_ok = await run_hashing(request, pwd_context.verify, credentials.password, password)
     if not password_ok:
+        note_failure(address)  # 7
         raise unauthorized("Incorrect email or password.")
     await forget_failures(credentials.email, address)  # 7
     return {
@@ -891,6 +892,7 @@ async def change_password(change: PasswordChange, request: Request):
 FREE_FAILURES = 5  # for one email from one address, before the waits begin
 MAX_WAIT_SECONDS = 15 * 60
 MAX_FAILURES_PER_HOUR = 100  # for one email, and from one address (OWASP ASVS 2.2.1)
+BUSY_PAUSE_SECONDS = 1
 
 failed_logins = sqlalchemy.Table(
     "failed_logins",
@@ -949,19 +951,38 @@ async def check_throttle(email: str, address: str, now: float, *others) -> None:
             raise too_many_failures(first + 3600 - now)  # when the oldest is an hour old
 
 
+# When each address last failed a login, as this worker saw it: it only decides who waits
+# under a flood, so it needs no database. Each entry cost its address a hash.
+failed_from: dict[str, float] = {}
+
+
+def note_failure(address: str) -> None:
+    now = time.time()
+    failed_from[address] = now
+    if len(failed_from) > 10_000:  # keep it small: forget the addresses older than an hour
+        for old in [key for key, when in failed_from.items() if when < now - 3600]:
+            del failed_from[old]
+
+
 async def claim_attempt(request: Request, email: str, address: str) -> None:
     """Count this login as failed before its hash, or refuse it with 429, before any hash.
 
     Written down first, checked second, in one transaction: guesses sent at the same
     moment cannot all pass a check that none of them has counted in yet.
     """
+    now = time.time()
+    # Under a flood, addresses that failed in the last hour get only half of the line, the
+    # other half is for everybody else; and their 503 comes after a pause, so that they
+    # cannot come straight back (a request that sleeps costs a socket, not a core).
+    if hashes_in_line >= MAX_HASHES_IN_LINE // 2 and failed_from.get(address, 0) > now - 3600:
+        await asyncio.sleep(BUSY_PAUSE_SECONDS)
+        raise too_busy()
     # What run_hashing (1.3) would refuse is refused before it is counted: a user turned
     # away by a busy server has not failed, and a flood of those writes nothing.
     if hashing_line_is_full():
         raise too_busy()
     if await request.is_disconnected():
         raise client_gone()
-    now = time.time()
     async with database.transaction():  # a 429 rolls it back: a refusal is not counted
         if database.url.dialect == "postgresql":
             # One at a time per email and per address (SQLite: the INSERT locks the file).

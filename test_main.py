@@ -1833,6 +1833,24 @@ def test_7_a_login_turned_away_by_a_busy_server_is_not_counted(app_dir, db, monk
         expect(client.post("/login", json=RIGHT), 200, "7: six 503s are no six failures")
 
 
+def test_7_under_a_flood_failing_addresses_get_half_the_line(app_dir, db, monkeypatch):
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        register(client)
+        monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 10)
+        monkeypatch.setattr(module, "BUSY_PAUSE_SECONDS", 0)  # no need to wait in a test
+        monkeypatch.setattr(module, "hashes_in_line", 5)  # half full, as under a flood
+        expect(client.post("/login", json=RIGHT), 200, "7: an address with no failures")
+        monkeypatch.setattr(module, "hashes_in_line", 0)
+        expect(client.post("/login", json=WRONG), 401, "7")  # now this address has failed
+        monkeypatch.setattr(module, "hashes_in_line", 5)
+        response = client.post("/login", json=RIGHT)
+        expect(response, 503, "7: an address that failed in the last hour waits for less")
+        assert response.headers.get("retry-after") == "2"
+        monkeypatch.setattr(module, "hashes_in_line", 4)
+        expect(client.post("/login", json=RIGHT), 200, "7: below half, everybody is served")
+
+
 def test_7_the_wait_doubles_with_each_failure(client, db):
     register(client)
     failures(db, [("ada@example.com", "testclient")] * 8)
