@@ -986,8 +986,9 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
     async with database.transaction():  # a 429 rolls it back: a refusal is not counted
         if database.url.dialect == "postgresql":
             # One at a time per email and per address (SQLite: the INSERT locks the file).
-            for key in (email, address):
-                lock = sqlalchemy.func.pg_advisory_xact_lock(sqlalchemy.func.hashtext(key))
+            # Emails' locks are numbered 1, addresses' 2, then a number made from the text.
+            for kind, key in ((1, email), (2, address)):
+                lock = sqlalchemy.func.pg_advisory_xact_lock(kind, sqlalchemy.func.hashtext(key))
                 await database.fetch_val(sqlalchemy.select(lock))
         id_ = await database.execute(
             failed_logins.insert().values(email=email, address=address, failed_at=now)
