@@ -909,7 +909,8 @@ failed_logins = sqlalchemy.Table(
 def client_address(request: Request) -> str:
     # Behind a proxy this is the proxy's address, unless uvicorn is told to trust
     # the proxy's X-Forwarded-For header (--forwarded-allow-ips; lesson section 7).
-    return request.client.host if request.client else "unknown"
+    address = request.client.host if request.client else "unknown"
+    return address[:45]  # the column's length: the longest IPv6 address is 45 characters
 
 
 async def failures_since(since: float, *where) -> tuple[int, float | None, float | None]:

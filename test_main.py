@@ -1851,6 +1851,13 @@ def test_7_under_a_flood_failing_addresses_get_half_the_line(app_dir, db, monkey
         expect(client.post("/login", json=RIGHT), 200, "7: below half, everybody is served")
 
 
+def test_7_a_client_address_always_fits_its_column(app_dir):
+    # Behind a proxy it comes from X-Forwarded-For, which can hold anything: a 500 on
+    # PostgreSQL if it were longer than the column.
+    request = types.SimpleNamespace(client=types.SimpleNamespace(host="203.0.113.7, " * 20))
+    assert len(load_app(app_dir).client_address(request)) == 45
+
+
 def test_7_the_wait_doubles_with_each_failure(client, db):
     register(client)
     failures(db, [("ada@example.com", "testclient")] * 8)
@@ -1914,7 +1921,7 @@ def test_7_failures_older_than_an_hour_are_purged(client, db):
     expect(client.post("/login", json=WRONG), 401, "7")
     assert [row["email"] for row in rows(db, "SELECT email FROM failed_logins")] == [
         "ada@example.com"
-    ], "7: record_failure deletes the rows more than an hour old"
+    ], "7: claim_attempt deletes the rows more than an hour old"
 
 
 def test_7_common_passwords_are_refused(client, db):
