@@ -1936,6 +1936,27 @@ def test_7_common_passwords_are_refused(client, db):
         assert rows(db, "SELECT id FROM users") == [], f"{section}: store nothing"
 
 
+def test_7_zxcvbn_runs_in_the_hashing_line_on_32_characters(app_dir, monkeypatch):
+    module = load_app(app_dir)
+    seen = []
+
+    def recording_zxcvbn(password):
+        try:
+            seen.append((asyncio.get_running_loop(), password))
+        except RuntimeError:
+            seen.append((None, password))  # a worker thread: no event loop here
+        return {"score": 4}
+
+    monkeypatch.setattr(module, "zxcvbn", recording_zxcvbn)
+    password = "4@8(<{[369!|17+05$%2" * 3  # zxcvbn's l33t matching takes a second on it
+    with TestClient(module.app) as client:
+        register(client, password=password)
+    assert seen == [(None, password[:32])], (
+        "7: zxcvbn can take a second on some passwords: run it with run_hashing, off the event "
+        f"loop, on the first 32 characters; seen {seen}"
+    )
+
+
 def test_7_common_passwords_are_refused_at_change_and_in_the_command(app_dir, db, monkeypatch):
     with TestClient(load_app(app_dir).app) as client:
         token = register(client)
