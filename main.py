@@ -956,6 +956,9 @@ def note_failure(address: str) -> None:
             del failed_from[old]
 
 
+claims_one_at_a_time = asyncio.Lock()
+
+
 async def claim_attempt(request: Request, email: str, address: str) -> None:
     """Count this login as failed before its hash, or refuse it with 429, before any hash.
 
@@ -969,25 +972,30 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
     if hashes_in_line >= MAX_HASHES_IN_LINE // 2 and failed_from.get(address, 0) > now - 3600:
         await asyncio.sleep(BUSY_PAUSE_SECONDS)
         raise too_busy()
-    # What run_hashing (1.3) would refuse is refused before it is counted: a user turned
-    # away by a busy server has not failed, and a flood of those writes nothing.
-    if hashing_line_is_full():
-        raise too_busy()
     if await request.is_disconnected():
         raise client_gone()
-    async with database.transaction():  # a 429 rolls it back: a refusal is not counted
-        if database.url.dialect == "postgresql":
-            # One at a time per email and per address (SQLite: the INSERT locks the file).
-            # Emails' locks are numbered 1, addresses' 2, then a number made from the text.
-            for kind, key in ((1, email), (2, address)):
-                lock = sqlalchemy.func.pg_advisory_xact_lock(kind, sqlalchemy.func.hashtext(key))
-                await database.fetch_val(sqlalchemy.select(lock))
-        id_ = await database.execute(
-            failed_logins.insert().values(email=email, address=address, failed_at=now)
-        )
-        await check_throttle(email, address, now, failed_logins.c.id != id_)
-        # Only the last hour counts: older rows go, so the table does not grow forever.
-        await database.execute(failed_logins.delete().where(failed_logins.c.failed_at < now - 3600))
+    # One claim at a time in this worker: a burst of hundreds would otherwise wait on
+    # SQLite's write lock past its 5 seconds ("database is locked"). A claim is quick.
+    async with claims_one_at_a_time:
+        # What run_hashing (1.3) would refuse is refused before it is counted: a user
+        # turned away by a busy server has not failed, and a flood of those writes nothing.
+        if hashing_line_is_full():
+            raise too_busy()
+        async with database.transaction():  # a 429 rolls it back: a refusal is not counted
+            if database.url.dialect == "postgresql":
+                # One at a time per email and per address (SQLite: the INSERT locks the
+                # file). Emails' locks are numbered 1, addresses' 2, then one from the text.
+                for kind, key in ((1, email), (2, address)):
+                    text_key = sqlalchemy.func.hashtext(key)
+                    lock = sqlalchemy.func.pg_advisory_xact_lock(kind, text_key)
+                    await database.fetch_val(sqlalchemy.select(lock))
+            id_ = await database.execute(
+                failed_logins.insert().values(email=email, address=address, failed_at=now)
+            )
+            await check_throttle(email, address, now, failed_logins.c.id != id_)
+            # Only the last hour counts: older rows go, so the table does not grow forever.
+            old = failed_logins.c.failed_at < now - 3600
+            await database.execute(failed_logins.delete().where(old))
 
 
 async def forget_failures(email: str, address: str) -> None:
