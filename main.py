@@ -238,12 +238,19 @@ def check_columns() -> None:
                 )
 
 
+def use_wal_mode() -> None:
+    # WAL: readers never wait for the writer, and writers wait less (Appendix J). It stays
+    # set in the file. The switch needs the file to itself: if another worker is busy with
+    # it right now, that worker, or the next start, makes the switch.
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+    except sqlalchemy.exc.OperationalError:
+        pass
+
+
 def create_tables() -> None:
     try:
-        if engine.dialect.name == "sqlite":
-            with engine.connect() as connection:
-                # WAL: readers never wait for the writer, and writers wait less (Appendix J).
-                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
         # create_all looks, then creates: workers that start together could all see no
         # table and all create it. A lock, held until the commit, lets them in one at a time.
         with engine.begin() as connection:
@@ -252,6 +259,8 @@ def create_tables() -> None:
             elif engine.dialect.name == "postgresql":
                 connection.exec_driver_sql("SELECT pg_advisory_xact_lock(1)")  # any number
             metadata.create_all(connection)
+        if engine.dialect.name == "sqlite":
+            use_wal_mode()
     except sqlalchemy.exc.OperationalError as error:
         refuse_to_start(
             f"Cannot open the database: {error.orig}\n"
