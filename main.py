@@ -1140,13 +1140,12 @@ class RefreshIn(BaseModel):
     refresh_token: PlainText = Field(max_length=1000)
 
 
-async def family_has_ended(family: str) -> bool:
-    ended = await database.fetch_one(
-        refresh_tokens.select().where(
-            refresh_tokens.c.family == family, refresh_tokens.c.family_ended_at.is_not(None)
-        )
-    )
-    return ended is not None
+def family_ended(family):
+    """Is any row of this family ended? `family` is a family's name, or its column."""
+    # Any row, not only this one: a refresh in flight when the family ended may have
+    # stored a successor that the ending UPDATE did not see.
+    ended = refresh_tokens.alias("ended")
+    return sqlalchemy.exists().where(ended.c.family == family, ended.c.family_ended_at.is_not(None))
 
 
 async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
@@ -1159,7 +1158,8 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
     user = await database.fetch_one(users.select().where(users.c.id == token["user_id"]))
     if user is None:  # deleted since
         raise unauthorized("Invalid refresh token.")
-    if await family_has_ended(token["family"]) or token["token_version"] != user["token_version"]:
+    family_is_ended = await database.fetch_val(sqlalchemy.select(family_ended(token["family"])))
+    if family_is_ended or token["token_version"] != user["token_version"]:
         raise unauthorized("Refresh token revoked.")
     if token["spent_at"] is not None:
         # Used twice: by its owner and by whoever copied it, we cannot tell which came first.
@@ -1200,12 +1200,6 @@ async def refresh(body: RefreshIn):
         .where(users.c.id == refresh_tokens.c.user_id)
         .scalar_subquery()
     )
-    # Any row of the family, not only this one: a refresh in flight when the family
-    # ended may have stored a successor that the ending UPDATE did not see.
-    ended = refresh_tokens.alias("ended")
-    ended_rows_of_the_family = sqlalchemy.and_(
-        ended.c.family == refresh_tokens.c.family, ended.c.family_ended_at.is_not(None)
-    )
     # Spending it and storing the next one commit together: whoever sees it spent also
     # sees its successor, and ends that too on a reuse.
     async with database.transaction():
@@ -1215,7 +1209,7 @@ async def refresh(body: RefreshIn):
             .where(
                 refresh_tokens.c.token_hash == token_hash,
                 refresh_tokens.c.spent_at.is_(None),
-                ~sqlalchemy.exists().where(ended_rows_of_the_family),
+                ~family_ended(refresh_tokens.c.family),
                 refresh_tokens.c.expires_at > now,
                 refresh_tokens.c.family_expires_at > now,
                 refresh_tokens.c.token_version == current_version,
