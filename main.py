@@ -1,66 +1,62 @@
 """FastAPI REST - Part 4: JWT authentication and role-based authorization.
 
-The whole app in one file. It reads top to bottom in the order of lesson.md:
-first the app as part 3 left it (the blocks marked 0), then one block for each
-lesson section. A section that adds a line inside earlier code (an import, the
-role column) marks that line with its number: `import jwt  # 1.2`.
-`python steps.py 2.1` prints this file as it stands at the end of section 2.1.
+The whole app, in the order of lesson.md: `python steps.py 2.1` prints it as it stands after 2.1.
 """
 
 # --- 0 Imports ---
 
 import argparse  # 5
-import asyncio  # 1.3
+import asyncio  # 7
 import enum
-import getpass  # 5
+import getpass  # 13
 import hashlib  # 8
-import logging  # 1.2
+import logging  # 8
 import math  # 7
-import os  # 1.2
-import re  # 2.1
-import secrets  # 1.2
+import os  # 12
+import re  # 9
+import secrets  # 8
 import sqlite3  # 1.3
-import sys
-import tempfile  # 1.2
-import time  # 1.3
-import traceback
-from concurrent.futures import ThreadPoolExecutor  # 1.3
+import sys  # 13
+import tempfile  # 13
+import time  # 7
+import traceback  # 13
+from concurrent.futures import ThreadPoolExecutor  # 12
 from contextlib import asynccontextmanager
-from datetime import datetime  # 1.2
+from datetime import datetime
 from datetime import timedelta  # 1.2
-from datetime import timezone  # 1.2
+from datetime import timezone
 from pathlib import Path
 from typing import Annotated
-from typing import NoReturn
-from urllib.parse import urlsplit  # 3.2
+from typing import NoReturn  # 8
+from urllib.parse import urlsplit  # 11
 
 import asyncpg  # 1.3
 import databases
 import jwt  # 1.2
-import psycopg  # 1.3
+import psycopg  # 13
 import sqlalchemy
 from decouple import Config
 from decouple import RepositoryEmpty
 from decouple import RepositoryEnv
-from fastapi import Depends  # 1.3
+from fastapi import Depends  # 2.2
 from fastapi import FastAPI
 from fastapi import HTTPException  # 1.3
-from fastapi import Request  # 1.3
-from fastapi import Response  # 1.3
+from fastapi import Request  # 2.1
+from fastapi import Response  # 10
 from fastapi import status  # 1.3
-from fastapi.encoders import jsonable_encoder  # 1.3
-from fastapi.exceptions import RequestValidationError  # 1.3
-from fastapi.responses import JSONResponse  # 1.3
+from fastapi.encoders import jsonable_encoder  # 10
+from fastapi.exceptions import RequestValidationError  # 7
+from fastapi.responses import JSONResponse  # 10
 from fastapi.security import HTTPBearer  # 2.1
 from fastapi_offline import FastAPIOffline
 from passlib.context import CryptContext
-from pydantic import AfterValidator
+from pydantic import AfterValidator  # 9
 from pydantic import BaseModel
 from pydantic import EmailStr
 from pydantic import Field
-from pydantic import TypeAdapter  # 5
-from pydantic import ValidationError  # 5
-from pydantic import field_validator  # 2.2
+from pydantic import TypeAdapter  # 11
+from pydantic import ValidationError  # 11
+from pydantic import field_validator
 from zxcvbn import zxcvbn  # 7
 
 
@@ -68,8 +64,7 @@ from zxcvbn import zxcvbn  # 7
 
 BASE_DIR = Path(__file__).resolve().parent
 
-# Read the .env beside this file, if there is one, whichever folder uvicorn starts in
-# (never one from a parent folder). Environment variables win over .env.
+# The .env beside this file, if any, wherever uvicorn starts; environment variables win.
 ENV_FILE = BASE_DIR / ".env"
 config = Config(RepositoryEnv(ENV_FILE) if ENV_FILE.exists() else RepositoryEmpty())
 
@@ -106,13 +101,12 @@ class UserRolesEnum(enum.Enum):  # 3.1
 
 database = databases.Database(DATABASE_URL)
 metadata = sqlalchemy.MetaData()
-# A plain (not async) engine, for create_all and the admin command only.
+# A plain (not async) engine, for create_all and the admin command.
 engine = sqlalchemy.create_engine(DATABASE_URL)
 
 
 def timestamp_columns() -> list[sqlalchemy.Column]:
     # A column belongs to one table, so every table gets a fresh pair.
-    # timezone=True: PostgreSQL keeps the offset; SQLite's now() is UTC anyway.
     return [
         sqlalchemy.Column(
             "created_at",
@@ -166,7 +160,7 @@ clothes = sqlalchemy.Table(
 # --- 0 Schemas ---
 
 
-def fits_bcrypt(password: str) -> str:
+def fits_bcrypt(password: str) -> str:  # 9
     # bcrypt refuses more than 72 bytes and NUL characters: a 422 here, not a 500 later.
     if len(password.encode()) > 72:
         raise ValueError("password must be at most 72 bytes")
@@ -175,12 +169,15 @@ def fits_bcrypt(password: str) -> str:
     return password
 
 
-# Every password must fit bcrypt; a new one must also have 8 characters or more.
+# bcrypt refuses a password over 72 bytes; a new one needs 8 characters or more.
 Password = Annotated[str, AfterValidator(fits_bcrypt)]
 NewPassword = Annotated[str, Field(min_length=8), AfterValidator(fits_bcrypt)]
+# Stored lowercased, so Ada@example.com and ada@example.com are one account. The length
+# is checked after: a few letters grow when lowercased ("İ" becomes two characters).
+Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=120)]
 
 
-def no_control_characters(text: str) -> str:
+def no_control_characters(text: str) -> str:  # 9
     # NUL, tab, newline and the other C0 controls have no place in a name or a phone
     # number, and PostgreSQL refuses NUL outright: a 422 here, not a 500 there.
     if any(ord(character) < 32 for character in text):
@@ -191,10 +188,7 @@ def no_control_characters(text: str) -> str:
     return text
 
 
-PlainText = Annotated[str, AfterValidator(no_control_characters)]
-# Stored lowercased, so Ada@example.com and ada@example.com are one account. The length
-# is checked after: a few letters grow when lowercased ("İ" becomes two characters).
-Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=120)]
+PlainText = Annotated[str, AfterValidator(no_control_characters)]  # 9
 
 
 class UserSignIn(BaseModel):
@@ -205,91 +199,33 @@ class UserSignIn(BaseModel):
     phone: PlainText | None = Field(default=None, max_length=13)
 
 
+class ClothesBase(BaseModel):
+    name: str = Field(min_length=1, max_length=120)
+    photo_url: str = Field(max_length=255)
+    size: SizeEnum
+    color: ColorEnum
+
+
+class ClothesOut(ClothesBase):
+    id: int
+    created_at: datetime
+    last_modified_at: datetime
+
+    # SQLite returns UTC without saying so: attach the offset ("2026-11-28T15:00:00Z").
+    @field_validator("created_at", "last_modified_at")
+    @classmethod
+    def in_utc(cls, moment: datetime) -> datetime:
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc)
+
+
 # --- 0 Password hashing ---
 
 pwd_context = CryptContext(schemes=["bcrypt"], bcrypt__rounds=BCRYPT_ROUNDS)
 
 
 # --- 0 App ---
-
-
-# uvicorn's exit status for "cannot start": with --workers, its supervisor then stops
-# instead of starting the worker again and again.
-STARTUP_FAILURE = 3
-
-
-def refuse_to_start(message: str) -> NoReturn:
-    # Something the person starting the app must fix: one clear message, no traceback.
-    print(message, file=sys.stderr)
-    raise SystemExit(STARTUP_FAILURE)
-
-
-def check_columns() -> None:
-    # create_all adds missing tables, never missing columns: stop now, not with a 500 later.
-    inspector = sqlalchemy.inspect(engine)
-    for table in metadata.sorted_tables:
-        found = {column["name"] for column in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in found:
-                refuse_to_start(
-                    f"The {table.name} table in the database has no {column.name} column. "
-                    "Add it with a migration (lesson.md, Appendix H), or, if the data "
-                    "does not matter, delete the database and start again."
-                )
-
-
-def use_wal_mode() -> None:
-    # WAL: readers never wait for the writer, and writers wait less (Appendix J). It stays
-    # set in the file. The switch needs the file to itself: if another worker is busy with
-    # it right now, that worker, or the next start, makes the switch.
-    try:
-        with engine.connect() as connection:
-            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
-    except sqlalchemy.exc.OperationalError:
-        pass
-
-
-def create_tables() -> None:
-    try:
-        # create_all looks, then creates: workers that start together could all see no
-        # table and all create it. A lock, held until the commit, lets them in one at a time.
-        with engine.begin() as connection:
-            if engine.dialect.name == "sqlite":
-                connection.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite locks the whole file
-            elif engine.dialect.name == "postgresql":
-                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(1)")  # any number
-            metadata.create_all(connection)
-        if engine.dialect.name == "sqlite":
-            use_wal_mode()
-    except sqlalchemy.exc.OperationalError as error:
-        refuse_to_start(
-            f"Cannot open the database: {error.orig}\n"
-            "Check DATABASE_URL, and that the database server is running."
-        )
-
-
-class StartupChecks:
-    """Create and check the tables before the app starts; refuse clearly if they are wrong.
-
-    An ASGI middleware, not part of the lifespan: Starlette reports whatever the lifespan
-    raises with a traceback. The ASGI way to refuse is "lifespan.startup.failed".
-    """
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "lifespan":
-            try:
-                create_tables()
-                check_columns()
-            except BaseException as error:
-                await receive()  # the server's "lifespan.startup"
-                # A refusal has printed its message; anything else is a crash: show it all.
-                message = "" if isinstance(error, SystemExit) else traceback.format_exc()
-                await send({"type": "lifespan.startup.failed", "message": message})
-                raise
-        await self.app(scope, receive, send)
 
 
 @asynccontextmanager
@@ -300,28 +236,26 @@ async def lifespan(app: FastAPI):
     engine.dispose()
 
 
-# FastAPIOffline is FastAPI with the JavaScript, CSS and icon of /docs served by the
-# app itself, not from a CDN: the docs work without the internet.
+# FastAPIOffline: FastAPI with the files of /docs served by the app, so they work offline.
 app = FastAPIOffline(
     title="Clothes shop - JWT authentication and roles",
-    summary="FastAPI REST, part 4: the lesson app.",
-    description=(
-        "Register (or log in) to get a token. Click **Authorize**, paste the token "
-        "(without quotes) and close the dialog: every request then carries "
-        "`Authorization: Bearer <token>`. Anyone with a token may list clothes; "
-        "only an admin may add them."
-    ),
+    description="Register or log in, click **Authorize** and paste the token.",
     lifespan=lifespan,
-    # No /redoc page: it loads a logo from another host, and the lesson uses /docs only.
-    redoc_url=None,
+    redoc_url=None,  # /redoc loads a logo from another host
 )
-app.add_middleware(StartupChecks)
 
 
 # --- 1.2 Encode a token ---
 
 
-def load_or_create_secret(path: Path) -> str:
+def refuse_to_start(message: str) -> NoReturn:  # 13
+    # Something the person starting the app must fix: one clear message, no traceback.
+    # Exit status 3 is uvicorn's "cannot start": with --workers, its supervisor stops.
+    print(message, file=sys.stderr)
+    raise SystemExit(3)
+
+
+def load_or_create_secret(path: Path) -> str:  # 13
     """The secret kept in path. The first start makes it; every later start reads it."""
     if not path.exists():
         # Write it whole under another name (mkstemp: mode 0600), then link it to path. link
@@ -351,13 +285,13 @@ def load_or_create_secret(path: Path) -> str:
 JWT_SECRET = config("JWT_SECRET", default="")
 JWT_EXPIRES_MINUTES = config("JWT_EXPIRES_MINUTES", cast=int, default=120)
 
-if not JWT_SECRET:
+if not JWT_SECRET:  # 13
     # A fresh clone must run, and its tokens must survive restarts and work in every worker.
     JWT_SECRET = load_or_create_secret(BASE_DIR / ".jwt_secret")
 if len(JWT_SECRET.encode()) < 32:
     # HS256 needs a key of at least 256 bits (RFC 7518, section 3.2).
     refuse_to_start(
-        "JWT_SECRET is too short: use at least 32 bytes. Make one with\n"
+        "JWT_SECRET is missing or too short: use at least 32 bytes. Make one with\n"
         '    python -c "import secrets; print(secrets.token_urlsafe(32))"'
     )
 
@@ -375,117 +309,56 @@ def create_access_token(user) -> str:
 # --- 1.3 Register returns a token ---
 
 
-# A hash takes a few tenths of a second on purpose, so it runs in worker threads,
-# never on the event loop. See the appendix on the hashing pool.
-def lower_priority() -> None:
-    if hasattr(os, "nice"):
-        os.nice(19)
-
-
-CORES = os.cpu_count() or 1
-hashing_pool = ThreadPoolExecutor(max_workers=CORES, initializer=lower_priority)
-
-
-def time_one_hash() -> float:
-    start = time.perf_counter()
-    pwd_context.hash("a password to time one hash")
-    return time.perf_counter() - start
-
-
-# No hash should wait more than about 2 seconds. Past that many in line, a request gets
-# 503 at once instead of queueing behind a flood for minutes (Appendix A).
-MAX_HASHES_IN_LINE = max(CORES, round(CORES * 2 / time_one_hash()))
-hashing_threads = asyncio.Semaphore(CORES)
-hashes_in_line = 0
-
-
-def hashing_line_is_full() -> bool:
-    return hashes_in_line >= MAX_HASHES_IN_LINE
-
-
-def too_busy() -> HTTPException:
-    return HTTPException(
-        status.HTTP_503_SERVICE_UNAVAILABLE,
-        "Too many passwords to check at once: try again in a moment.",
-        headers={"Retry-After": "2"},
-    )
-
-
-def client_gone() -> HTTPException:
-    return HTTPException(499, "The client hung up.")  # nginx's code for it; nobody reads it
-
-
-async def run_hashing(request: Request, function, *args):
-    global hashes_in_line
-    if hashing_line_is_full():
-        raise too_busy()
-    hashes_in_line += 1
-    try:
-        async with hashing_threads:  # wait here, on the event loop, for a free thread
-            # Checked just before the hash: a client that has hung up costs no hash.
-            if await request.is_disconnected():
-                raise client_gone()
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(hashing_pool, function, *args)
-    finally:
-        hashes_in_line -= 1
-
-
 class TokenOut(BaseModel):
     token: str
     refresh_token: str  # 8
 
 
-def no_store(response: Response) -> None:
+def no_store(response: Response) -> None:  # 10
     # A token works like a password: no browser or proxy may keep a copy (RFC 6749, 5.1).
     response.headers["Cache-Control"] = "no-store"
 
 
-class ErrorOut(BaseModel):
+class ErrorOut(BaseModel):  # 14
+    """What every error answer holds; the dictionaries below name each route's errors."""
+
     detail: str
 
 
-def is_email_taken(error: Exception) -> bool:
-    """Did the insert fail because the email is taken? Each driver reports it its own way."""
-    if isinstance(error, sqlite3.IntegrityError):
-        # SQLite raises IntegrityError for every broken rule, NOT NULL included.
-        return error.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
-    # PostgreSQL: asyncpg for the app's queries, psycopg for the admin command.
-    return isinstance(error, (asyncpg.UniqueViolationError, psycopg.errors.UniqueViolation))
-
-
-@app.exception_handler(RequestValidationError)
-async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    # FastAPI's own 422 repeats each wrong value: a rejected password must not come back.
-    problems = [{key: value for key, value in e.items() if key != "input"} for e in error.errors()]
-    return JSONResponse(
-        {"detail": jsonable_encoder(problems)}, status.HTTP_422_UNPROCESSABLE_CONTENT
-    )
-
-
-# FastAPI answers 400 to a body it cannot even decode (not UTF-8, say).
-BAD_BODY = {
+BAD_BODY = {  # 14
     status.HTTP_400_BAD_REQUEST: {
         "model": ErrorOut,
         "description": "A body that cannot be read as JSON text",
     }
 }
-BUSY = {
-    status.HTTP_503_SERVICE_UNAVAILABLE: {
+NOT_AUTHENTICATED = {  # 14
+    status.HTTP_401_UNAUTHORIZED: {
         "model": ErrorOut,
-        "description": "Too many passwords to check at once: try again after Retry-After",
+        "description": "No token, or a token that is expired or invalid",
     }
 }
-TOO_LARGE = {  # 7
+NOT_ALLOWED = {  # 14
+    status.HTTP_403_FORBIDDEN: {
+        "model": ErrorOut,
+        "description": "A valid token, but the user's role may not do this",
+    }
+}
+TOO_LARGE = {  # 14
     status.HTTP_413_CONTENT_TOO_LARGE: {
         "model": ErrorOut,
         "description": "A request body over 64 KiB",
     }
 }
-TOO_MANY_FAILURES = {  # 7
+TOO_MANY_FAILURES = {  # 14
     status.HTTP_429_TOO_MANY_REQUESTS: {
         "model": ErrorOut,
         "description": "Too many failed logins: try again after Retry-After seconds",
+    }
+}
+BUSY = {  # 14
+    status.HTTP_503_SERVICE_UNAVAILABLE: {
+        "model": ErrorOut,
+        "description": "Too many passwords to check at once: try again after Retry-After",
     }
 }
 
@@ -494,15 +367,15 @@ TOO_MANY_FAILURES = {  # 7
     "/register",
     status_code=status.HTTP_201_CREATED,
     response_model=TokenOut,
-    responses={
+    dependencies=[Depends(no_store)],  # 10
+    responses={  # 14
         **BAD_BODY,
         status.HTTP_409_CONFLICT: {"model": ErrorOut, "description": "Email taken"},
+        **TOO_LARGE,
         **BUSY,
-        **TOO_LARGE,  # 7
     },
-    dependencies=[Depends(no_store)],
-    tags=["1 · JWT"],
-    summary="1.3 Register a user and get a token",
+    tags=["1 · JWT"],  # 14
+    summary="1.3 Register a user and get a token",  # 14
 )
 async def create_user(user: UserSignIn, request: Request):
     await refuse_easy_password(request, "password", user.password)  # 7
@@ -518,16 +391,11 @@ async def create_user(user: UserSignIn, request: Request):
     new_user = await database.fetch_one(users.select().where(users.c.id == id_))
     return {
         "token": create_access_token(new_user),
-        "refresh_token": await start_session(new_user),  # 8
+        "refresh_token": await start_session(new_user),
     }
 
 
 # --- 2.1 The custom HTTPBearer class ---
-
-# A user id we issued: a positive whole number, small enough for the id column
-# (PostgreSQL's INTEGER holds up to 2**31 - 1; a larger one would be a 500 there).
-USER_ID_PATTERN = re.compile(r"[1-9][0-9]{0,9}")
-MAX_USER_ID = 2**31 - 1
 
 
 def unauthorized(detail: str) -> HTTPException:
@@ -537,7 +405,7 @@ def unauthorized(detail: str) -> HTTPException:
     )
 
 
-async def one_connection():
+async def one_connection():  # 12
     # databases keeps one connection per asyncio task, and FastAPI runs the dependencies
     # and the route in the request's task: until the response is sent, their queries
     # all use this connection, instead of opening one each.
@@ -550,10 +418,10 @@ class CustomHTTPBearer(HTTPBearer):
     async def __call__(
         self, request: Request, connection: Annotated[None, Depends(one_connection)]
     ) -> dict:
-        # With two Authorization headers, which one counts depends on who reads them.
-        if len(request.headers.getlist("Authorization")) > 1:
+        if len(request.headers.getlist("Authorization")) > 1:  # 9
+            # With two Authorization headers, which one counts depends on who reads them.
             raise unauthorized("Send one Authorization header.")
-        # The base class answers 401 "Not authenticated" when there is no Bearer token.
+        # No Bearer token at all: the base class answers 401 "Not authenticated".
         res = await super().__call__(request)
         try:
             payload = jwt.decode(
@@ -567,10 +435,10 @@ class CustomHTTPBearer(HTTPBearer):
             raise unauthorized("Token expired.")
         except jwt.InvalidTokenError:
             raise unauthorized("Invalid token.")
-        if not USER_ID_PATTERN.fullmatch(payload["sub"]) or int(payload["sub"]) > MAX_USER_ID:
+        if not is_user_id(payload["sub"]):  # 9
             raise unauthorized("Invalid token.")
         user = await database.fetch_one(users.select().where(users.c.id == int(payload["sub"])))
-        # The user may have been deleted since the token was issued.
+        # The user may have been deleted since.
         if user is None:
             raise unauthorized("Invalid token.")
         if payload.get("ver") != user["token_version"]:  # 6
@@ -580,50 +448,20 @@ class CustomHTTPBearer(HTTPBearer):
         return payload
 
 
-# The tutorial's name; it checks Bearer tokens, it does not speak OAuth2.
+# The tutorial's name: it checks Bearer tokens, it does not speak OAuth2.
 oauth2_scheme = CustomHTTPBearer(bearerFormat="JWT")
 
 
 # --- 2.2 Protect GET /clothes/ ---
 
 
-class ClothesBase(BaseModel):
-    name: str = Field(min_length=1, max_length=120)
-    photo_url: str = Field(max_length=255)
-    size: SizeEnum
-    color: ColorEnum
-
-
-class ClothesOut(ClothesBase):
-    id: int
-    created_at: datetime
-    last_modified_at: datetime
-
-    # SQLite returns its UTC timestamps without an offset: attach it, so
-    # clients get "2026-11-28T15:00:00Z", never a time they must guess about.
-    @field_validator("created_at", "last_modified_at")
-    @classmethod
-    def in_utc(cls, moment: datetime) -> datetime:
-        if moment.tzinfo is None:
-            return moment.replace(tzinfo=timezone.utc)
-        return moment.astimezone(timezone.utc)
-
-
-NOT_AUTHENTICATED = {
-    status.HTTP_401_UNAUTHORIZED: {
-        "model": ErrorOut,
-        "description": "No token, or a token that is expired or invalid",
-    }
-}
-
-
 @app.get(
     "/clothes/",
     response_model=list[ClothesOut],
     dependencies=[Depends(oauth2_scheme)],
-    responses=NOT_AUTHENTICATED,
-    tags=["2 · Authentication"],
-    summary="2.2 List clothes (any logged-in user)",
+    responses=NOT_AUTHENTICATED,  # 14
+    tags=["2 · Authentication"],  # 14
+    summary="2.2 List clothes (any logged-in user)",  # 14
 )
 async def get_all_clothes():
     return await database.fetch_all(clothes.select())
@@ -632,18 +470,17 @@ async def get_all_clothes():
 # --- 3.2 The is_admin dependency ---
 
 
-# is_admin depends on oauth2_scheme, so FastAPI always checks the token first:
+# Depending on oauth2_scheme, is_admin always runs after the token check:
 # no token is a 401 (who are you?), the wrong role a 403 (not allowed).
 async def is_admin(request: Request, payload: Annotated[dict, Depends(oauth2_scheme)]):
-    # oauth2_scheme loaded the user fresh from the database, so a demoted
-    # admin is refused on the very next request.
+    # The user was just loaded from the database: a demoted admin is refused at once.
     if request.state.user["role"] not in (UserRolesEnum.admin, UserRolesEnum.super_admin):
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "You do not have permissions for this resource"
         )
 
 
-def is_web_address(url: str) -> str:
+def is_web_address(url: str) -> str:  # 11
     # Every user sees photo_url, maybe as a link: http and https only, no javascript:.
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -657,27 +494,19 @@ class ClothesIn(ClothesBase):
     photo_url: Annotated[PlainText, AfterValidator(is_web_address)] = Field(max_length=255)
 
 
-NOT_ALLOWED = {
-    status.HTTP_403_FORBIDDEN: {
-        "model": ErrorOut,
-        "description": "A valid token, but the user's role may not do this",
-    }
-}
-
-
 @app.post(
     "/clothes/",
     status_code=status.HTTP_201_CREATED,
     response_model=ClothesOut,
     dependencies=[Depends(is_admin)],
-    responses={
+    responses={  # 14
         **BAD_BODY,
         **NOT_AUTHENTICATED,
         **NOT_ALLOWED,
-        **TOO_LARGE,  # 7
+        **TOO_LARGE,
     },
-    tags=["3 · Authorization"],
-    summary="3.2 Add clothes (admin and super_admin only)",
+    tags=["3 · Authorization"],  # 14
+    summary="3.2 Add clothes (admin and super_admin only)",  # 14
 )
 async def create_clothes(clothes_data: ClothesIn):
     id_ = await database.execute(clothes.insert().values(**clothes_data.model_dump()))
@@ -695,19 +524,19 @@ class UserLogin(BaseModel):
 @app.post(
     "/login",
     response_model=TokenOut,
-    responses={
+    dependencies=[Depends(no_store)],  # 10
+    responses={  # 14
         **BAD_BODY,
         status.HTTP_401_UNAUTHORIZED: {
             "model": ErrorOut,
             "description": "Unknown email or wrong password",
         },
+        **TOO_LARGE,
+        **TOO_MANY_FAILURES,
         **BUSY,
-        **TOO_MANY_FAILURES,  # 7
-        **TOO_LARGE,  # 7
     },
-    dependencies=[Depends(no_store)],
-    tags=["4 · Logging in"],
-    summary="4 Log in with email and password and get a token",
+    tags=["4 · Logging in"],  # 14
+    summary="4 Log in with email and password and get a token",  # 14
 )
 async def login(credentials: UserLogin, request: Request):
     address = client_address(request)  # 7
@@ -720,50 +549,16 @@ async def login(credentials: UserLogin, request: Request):
         password = user["password"]
         password_ok = await run_hashing(request, pwd_context.verify, credentials.password, password)
     if not password_ok:
-        note_failure(address)  # 7
+        note_failure(address)  # 12
         raise unauthorized("Incorrect email or password.")
     await forget_failures(credentials.email, address)  # 7
     return {
         "token": create_access_token(user),
-        "refresh_token": await start_session(user),  # 8
+        "refresh_token": await start_session(user),
     }
 
 
 # --- 5 Making an admin ---
-
-
-def read_password() -> str:
-    # Typed at a prompt it stays out of the shell history; piped in, it suits scripts.
-    if sys.stdin.isatty():
-        return getpass.getpass("Password: ")
-    return sys.stdin.readline().rstrip("\n")
-
-
-def create_user_command(connection, args) -> str:
-    try:
-        user = UserSignIn(
-            email=args.email,
-            password=read_password(),
-            full_name=args.full_name,
-            phone=args.phone,
-        )
-    except ValidationError as error:
-        # The messages without the input: a rejected password stays off the screen.
-        problems = [f"{e['loc'][0]}: {e['msg']}" for e in error.errors()]
-        raise SystemExit("Not created: " + "; ".join(problems))
-    if is_easy_to_guess(user.password):  # 7
-        raise SystemExit("Not created: password: too common or too easy to guess")
-    values = user.model_dump()
-    values["password"] = pwd_context.hash(user.password)
-    values["role"] = UserRolesEnum[args.role]
-    try:
-        connection.execute(users.insert().values(**values))
-    except sqlalchemy.exc.IntegrityError as error:
-        # SQLAlchemy wraps the driver's error: the same check as in 1.3.
-        if not is_email_taken(error.orig):
-            raise
-        raise SystemExit(f"Not created: {user.email} is taken. Use set-role instead.")
-    return f"Created {user.email} with role {args.role}."
 
 
 def set_role_command(connection, args) -> str:
@@ -786,27 +581,19 @@ def logout_command(connection, args) -> str:  # 6
     return f"Every token of {args.email} is revoked."
 
 
-def email_address(text: str) -> str:
-    # The API's rules (Email, in 0): lowercased and normalised, so it is found however typed.
-    try:
-        return TypeAdapter(Email).validate_python(text)
-    except ValidationError:
-        raise argparse.ArgumentTypeError(f"not a valid email address: {text!r}")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Manage the lesson app's users.")
     commands = parser.add_subparsers(dest="command", required=True)
     roles = [role.name for role in UserRolesEnum]
 
-    create = commands.add_parser(
+    create = commands.add_parser(  # 13
         "create-user", help="create a user with a role; asks for the password"
     )
-    create.add_argument("email")
-    create.add_argument("--role", choices=roles, default="admin")
-    create.add_argument("--full-name", default="Shop Admin")
-    create.add_argument("--phone")
-    create.set_defaults(handler=create_user_command)
+    create.add_argument("email")  # 13
+    create.add_argument("--role", choices=roles, default="admin")  # 13
+    create.add_argument("--full-name", default="Shop Admin")  # 13
+    create.add_argument("--phone")  # 13
+    create.set_defaults(handler=create_user_command)  # 13
 
     set_role = commands.add_parser("set-role", help="change an existing user's role")
     set_role.add_argument("email", type=email_address)
@@ -831,9 +618,9 @@ def main(argv=None) -> None:
     "/logout",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Depends(oauth2_scheme)],
-    responses=NOT_AUTHENTICATED,
-    tags=["6 · Going further"],
-    summary="6 Log out: every token of this user stops working",
+    responses=NOT_AUTHENTICATED,  # 14
+    tags=["6 · Going further"],  # 14
+    summary="6 Log out: every token of this user stops working",  # 14
 )
 async def logout(request: Request) -> None:
     # One UPDATE that counts up in the database: two logouts at once both count.
@@ -852,18 +639,18 @@ class PasswordChange(BaseModel):
 @app.post(
     "/password",
     response_model=TokenOut,
-    responses={
+    dependencies=[Depends(oauth2_scheme), Depends(no_store)],
+    responses={  # 14
         status.HTTP_400_BAD_REQUEST: {
             "model": ErrorOut,
             "description": "Wrong old password, or a body that cannot be read as JSON text",
         },
         **NOT_AUTHENTICATED,
+        **TOO_LARGE,
         **BUSY,
-        **TOO_LARGE,  # 7
     },
-    dependencies=[Depends(oauth2_scheme), Depends(no_store)],
-    tags=["6 · Going further"],
-    summary="6 Change the password: older tokens stop working, here is a new one",
+    tags=["6 · Going further"],  # 14
+    summary="6 Change the password: older tokens stop working, here is a new one",  # 14
 )
 async def change_password(change: PasswordChange, request: Request):
     user = request.state.user
@@ -883,7 +670,7 @@ async def change_password(change: PasswordChange, request: Request):
         raise unauthorized("Token revoked.")
     return {
         "token": create_access_token(changed),
-        "refresh_token": await start_session(changed),  # 8
+        "refresh_token": await start_session(changed),
     }
 
 
@@ -892,7 +679,6 @@ async def change_password(change: PasswordChange, request: Request):
 FREE_FAILURES = 5  # for one email from one address, before the waits begin
 MAX_WAIT_SECONDS = 15 * 60
 MAX_FAILURES_PER_HOUR = 100  # for one email, and from one address (OWASP ASVS 2.2.1)
-BUSY_PAUSE_SECONDS = 1
 
 failed_logins = sqlalchemy.Table(
     "failed_logins",
@@ -952,19 +738,6 @@ async def check_throttle(email: str, address: str, now: float, *others) -> None:
             raise too_many_failures(first + 3600 - now)  # when the oldest is an hour old
 
 
-# When each address last failed a login, as this worker saw it: it only decides who waits
-# under a flood, so it needs no database. Each entry cost its address a hash.
-failed_from: dict[str, float] = {}
-
-
-def note_failure(address: str) -> None:
-    now = time.time()
-    failed_from[address] = now
-    if len(failed_from) > 10_000:  # keep it small: forget the addresses older than an hour
-        for old in [key for key, when in failed_from.items() if when < now - 3600]:
-            del failed_from[old]
-
-
 claims_one_at_a_time = asyncio.Lock()
 
 
@@ -975,20 +748,19 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
     moment cannot all pass a check that none of them has counted in yet.
     """
     now = time.time()
-    # Under a flood, addresses that failed in the last hour get only half of the line, the
-    # other half is for everybody else; and their 503 comes after a pause, so that they
-    # cannot come straight back (a request that sleeps costs a socket, not a core).
-    if hashes_in_line >= MAX_HASHES_IN_LINE // 2 and failed_from.get(address, 0) > now - 3600:
+    if under_a_flood() and failed_from.get(address, 0) > now - 3600:  # 12
+        # Addresses that failed lately get only half of the hashing line, and their 503
+        # after a pause, so that they cannot come straight back.
         await asyncio.sleep(BUSY_PAUSE_SECONDS)
         raise too_busy()
-    if await request.is_disconnected():
+    if await request.is_disconnected():  # 12
         raise client_gone()
     # One claim at a time in this worker: a burst of hundreds would otherwise wait on
     # SQLite's write lock past its 5 seconds ("database is locked"). A claim is quick.
     async with claims_one_at_a_time:
-        # What run_hashing (1.3) would refuse is refused before it is counted: a user
-        # turned away by a busy server has not failed, and a flood of those writes nothing.
-        if hashing_line_is_full():
+        if hashing_line_is_full():  # 12
+            # What run_hashing would refuse is refused before it is counted: a user
+            # turned away by a busy server has not failed, and a flood writes nothing.
             raise too_busy()
         async with database.transaction():  # a 429 rolls it back: a refusal is not counted
             if database.url.dialect == "postgresql":
@@ -1024,49 +796,12 @@ def is_easy_to_guess(password: str) -> bool:
 
 
 async def refuse_easy_password(request: Request, field: str, password: str) -> None:
-    # Up to a quarter of a second of work: in the hashing line (1.3), like a hash.
+    # Up to a quarter of a second of work: in the hashing line, like a hash.
     if await run_hashing(request, is_easy_to_guess, password):
         message = "Value error, password is too common or too easy to guess"
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("body", field), "msg": message}]
         )
-
-
-MAX_BODY_BYTES = 64 * 1024  # the forms of this app are a few hundred bytes
-
-
-class LimitBodySize:
-    """ASGI middleware: refuse a body over MAX_BODY_BYTES with 413, before it is read whole."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if int(declared) > MAX_BODY_BYTES:
-            response = JSONResponse(
-                {"detail": "Request body too large."}, status.HTTP_413_CONTENT_TOO_LARGE
-            )
-            await response(scope, receive, send)
-            return
-        received = 0
-
-        async def counting_receive():
-            # Without Content-Length (chunked), count the body as it arrives.
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > MAX_BODY_BYTES:
-                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "Request body too large.")
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-
-app.add_middleware(LimitBodySize)
 
 
 # --- 8 Refresh tokens ---
@@ -1180,8 +915,8 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
 @app.post(
     "/refresh",
     response_model=TokenOut,
-    dependencies=[Depends(no_store)],
-    responses={
+    dependencies=[Depends(no_store)],  # 10
+    responses={  # 14
         **BAD_BODY,
         status.HTTP_401_UNAUTHORIZED: {
             "model": ErrorOut,
@@ -1189,8 +924,8 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
         },
         **TOO_LARGE,
     },
-    tags=["8 · Going further"],
-    summary="8 Trade a refresh token for a new pair of tokens",
+    tags=["8 · Going further"],  # 14
+    summary="8 Trade a refresh token for a new pair of tokens",  # 14
 )
 async def refresh(body: RefreshIn):
     now = datetime.now(timezone.utc)
@@ -1236,6 +971,272 @@ async def refresh(body: RefreshIn):
     # now revokes this access token too.
     user = {"id": spent["user_id"], "token_version": spent["token_version"]}
     return {"token": create_access_token(user), "refresh_token": token}
+
+
+# --- 9 Input that crashes the app ---
+
+# A user id we issued: a positive whole number, small enough for the id column
+# (PostgreSQL's INTEGER holds up to 2**31 - 1; a larger one would be a 500 there).
+USER_ID_PATTERN = re.compile(r"[1-9][0-9]{0,9}")
+MAX_USER_ID = 2**31 - 1
+
+
+def is_user_id(sub: str) -> bool:
+    return bool(USER_ID_PATTERN.fullmatch(sub)) and int(sub) <= MAX_USER_ID
+
+
+# --- 10 A password in an error message ---
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI's own 422 repeats each wrong value: a rejected password must not come back.
+    problems = [{key: value for key, value in e.items() if key != "input"} for e in error.errors()]
+    return JSONResponse(
+        {"detail": jsonable_encoder(problems)}, status.HTTP_422_UNPROCESSABLE_CONTENT
+    )
+
+
+# --- 11 Look-alikes ---
+
+
+def email_address(text: str) -> str:
+    # The API's rules (Email, in 0): lowercased and normalised, so it is found however typed.
+    try:
+        return TypeAdapter(Email).validate_python(text)
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"not a valid email address: {text!r}")
+
+
+# --- 12 A flood ---
+
+
+# A hash takes a few tenths of a second on purpose, so it runs in worker threads at
+# low priority, never on the event loop, and never more at once than there are cores.
+def lower_priority() -> None:
+    if hasattr(os, "nice"):
+        os.nice(19)
+
+
+CORES = os.cpu_count() or 1
+hashing_pool = ThreadPoolExecutor(max_workers=CORES, initializer=lower_priority)
+
+
+def time_one_hash() -> float:
+    start = time.perf_counter()
+    pwd_context.hash("a password to time one hash")
+    return time.perf_counter() - start
+
+
+# No hash should wait more than about 2 seconds. Past that many in line, a request gets
+# 503 at once instead of queueing behind a flood for minutes.
+MAX_HASHES_IN_LINE = max(CORES, round(CORES * 2 / time_one_hash()))
+BUSY_PAUSE_SECONDS = 1
+hashing_threads = asyncio.Semaphore(CORES)
+hashes_in_line = 0
+
+
+def hashing_line_is_full() -> bool:
+    return hashes_in_line >= MAX_HASHES_IN_LINE
+
+
+def under_a_flood() -> bool:
+    return hashes_in_line >= MAX_HASHES_IN_LINE // 2
+
+
+def too_busy() -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "Too many passwords to check at once: try again in a moment.",
+        headers={"Retry-After": "2"},
+    )
+
+
+def client_gone() -> HTTPException:
+    return HTTPException(499, "The client hung up.")  # nginx's code for it; nobody reads it
+
+
+async def run_hashing(request: Request, function, *args):
+    global hashes_in_line
+    if hashing_line_is_full():
+        raise too_busy()
+    hashes_in_line += 1
+    try:
+        async with hashing_threads:  # wait here, on the event loop, for a free thread
+            # Checked just before the hash: a client that has hung up costs no hash.
+            if await request.is_disconnected():
+                raise client_gone()
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(hashing_pool, function, *args)
+    finally:
+        hashes_in_line -= 1
+
+
+# When each address last failed a login, as this worker saw it: it only decides who waits
+# under a flood, so it needs no database. Each entry cost its address a hash.
+failed_from: dict[str, float] = {}
+
+
+def note_failure(address: str) -> None:
+    now = time.time()
+    failed_from[address] = now
+    if len(failed_from) > 10_000:  # keep it small: forget the addresses older than an hour
+        for old in [key for key, when in failed_from.items() if when < now - 3600]:
+            del failed_from[old]
+
+
+MAX_BODY_BYTES = 64 * 1024  # the forms of this app are a few hundred bytes
+
+
+class LimitBodySize:
+    """ASGI middleware: refuse a body over MAX_BODY_BYTES with 413, before it is read whole."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if int(declared) > MAX_BODY_BYTES:
+            response = JSONResponse(
+                {"detail": "Request body too large."}, status.HTTP_413_CONTENT_TOO_LARGE
+            )
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive():
+            # Without Content-Length (chunked), count the body as it arrives.
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "Request body too large.")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+app.add_middleware(LimitBodySize)
+
+
+# --- 13 A new server, an old database ---
+
+
+def is_email_taken(error: Exception) -> bool:
+    """Did the insert fail because the email is taken? Each driver reports it its own way."""
+    if isinstance(error, sqlite3.IntegrityError):
+        # SQLite raises IntegrityError for every broken rule, NOT NULL included.
+        return error.sqlite_errorname == "SQLITE_CONSTRAINT_UNIQUE"
+    # PostgreSQL: asyncpg for the app's queries, psycopg for the admin command.
+    return isinstance(error, (asyncpg.UniqueViolationError, psycopg.errors.UniqueViolation))
+
+
+def check_columns() -> None:
+    # create_all adds missing tables, never missing columns: stop now, not with a 500 later.
+    inspector = sqlalchemy.inspect(engine)
+    for table in metadata.sorted_tables:
+        found = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in found:
+                refuse_to_start(
+                    f"The {table.name} table in the database has no {column.name} column. "
+                    "Add it with a migration (lesson.md, Appendix H), or, if the data "
+                    "does not matter, delete the database and start again."
+                )
+
+
+def use_wal_mode() -> None:
+    # WAL: readers never wait for the writer, and writers wait less (Appendix J). It stays
+    # set in the file. The switch needs the file to itself: if another worker is busy with
+    # it right now, that worker, or the next start, makes the switch.
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+    except sqlalchemy.exc.OperationalError:
+        pass
+
+
+def create_tables() -> None:
+    try:
+        # create_all looks, then creates: workers that start together could all see no
+        # table and all create it. A lock, held until the commit, lets them in one at a time.
+        with engine.begin() as connection:
+            if engine.dialect.name == "sqlite":
+                connection.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite locks the whole file
+            elif engine.dialect.name == "postgresql":
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(1)")  # any number
+            metadata.create_all(connection)
+        if engine.dialect.name == "sqlite":
+            use_wal_mode()
+    except sqlalchemy.exc.OperationalError as error:
+        refuse_to_start(
+            f"Cannot open the database: {error.orig}\n"
+            "Check DATABASE_URL, and that the database server is running."
+        )
+
+
+class StartupChecks:
+    """Create and check the tables before the app starts; refuse clearly if they are wrong.
+
+    An ASGI middleware, not part of the lifespan: Starlette reports whatever the lifespan
+    raises with a traceback. The ASGI way to refuse is "lifespan.startup.failed".
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            try:
+                create_tables()
+                check_columns()
+            except BaseException as error:
+                await receive()  # the server's "lifespan.startup"
+                # A refusal has printed its message; anything else is a crash: show it all.
+                message = "" if isinstance(error, SystemExit) else traceback.format_exc()
+                await send({"type": "lifespan.startup.failed", "message": message})
+                raise
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(StartupChecks)
+
+
+def read_password() -> str:
+    # Typed at a prompt it stays out of the shell history; piped in, it suits scripts.
+    if sys.stdin.isatty():
+        return getpass.getpass("Password: ")
+    return sys.stdin.readline().rstrip("\n")
+
+
+def create_user_command(connection, args) -> str:
+    try:
+        user = UserSignIn(
+            email=args.email,
+            password=read_password(),
+            full_name=args.full_name,
+            phone=args.phone,
+        )
+    except ValidationError as error:
+        # The messages without the input: a rejected password stays off the screen.
+        problems = [f"{e['loc'][0]}: {e['msg']}" for e in error.errors()]
+        raise SystemExit("Not created: " + "; ".join(problems))
+    if is_easy_to_guess(user.password):
+        raise SystemExit("Not created: password: too common or too easy to guess")
+    values = user.model_dump()
+    values["password"] = pwd_context.hash(user.password)
+    values["role"] = UserRolesEnum[args.role]
+    try:
+        connection.execute(users.insert().values(**values))
+    except sqlalchemy.exc.IntegrityError as error:
+        # SQLAlchemy wraps the driver's error: the same check as at /register.
+        if not is_email_taken(error.orig):
+            raise
+        raise SystemExit(f"Not created: {user.email} is taken. Use set-role instead.")
+    return f"Created {user.email} with role {args.role}."
 
 
 # --- 5 Run the admin command ---

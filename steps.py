@@ -3,23 +3,44 @@
     python steps.py --list           the sections, in lesson order
     python steps.py 2.1              main.py as it stands at the end of section 2.1
     python steps.py 2.1 > my_main.py     start the lesson from section 2.2
+    python steps.py --sizes          what the core makes a student type, against its budgets
 
-It reads main.py, where every line belongs to one lesson section:
+main.py is the finished app. Every line of it belongs to one lesson section:
 - a banner line `# --- 2.1 Title ---` starts a block, whose lines belong to 2.1
   (0 is the app as part 3 left it);
 - a line that ends in `# 3.1` belongs to 3.1, and so do the lines indented below it
   (a class body, the arguments of a call) and the bracket that closes them.
-The file of a section holds the lines of that section and of every section before it.
+A section may also change lines that an earlier one wrote. lesson.md shows each change
+as a diff block marked with its section: its `-` lines are the earlier text, which lives
+there only, and its `+` lines are main.py's. To go back from a section to the one before,
+steps.py undoes that section's diffs, then drops its lines.
 """
 
+import difflib
 import re
 import sys
 from pathlib import Path
 
 
-MAIN = Path(__file__).resolve().parent / "main.py"
+HERE = Path(__file__).resolve().parent
+MAIN = HERE / "main.py"
+LESSON = HERE / "lesson.md"
 BANNER = re.compile(r"# --- (\d+(?:\.\d+)?) (.+) ---\n")
 TAG = re.compile(r"  # (\d+(?:\.\d+)?)\n")
+# The core's prose ends where Going further, the hardening or the appendices begin.
+CORE_END = re.compile(r"^## (?:Going further|Hardening|Appendix)", re.M)
+DIFF_BLOCK = re.compile(r"^<!-- section (\S+) -->\n```diff\n(.*?)^```$", re.M | re.S)
+
+# The core is what one 90-minute class teaches: sections 1.2 to 5, on part 3's app.
+CORE = ["0", "1.2", "1.3", "2.1", "2.2", "3.1", "3.2", "4", "5"]
+BUDGETS = {
+    "step 0 lines": 130,  # handed out, not typed
+    "lines per section": 40,  # what one section adds or changes
+    "1.3 lines": 25,
+    "core lines": 160,  # 1.2 to 5 together
+    "core characters": 6000,
+    "core words": 2200,  # lesson.md's prose, up to the first section after 5
+}
 
 
 def order(section: str) -> tuple[int, ...]:
@@ -50,15 +71,58 @@ def owned_lines(text: str) -> list[tuple[str, str, str]]:
     return owned
 
 
-def sections(text: str) -> list[str]:
-    """Every section that main.py marks, in lesson order."""
-    return sorted({section for section, _, _ in owned_lines(text)}, key=order)
+def lesson_diffs(lesson: str) -> dict[str, list[tuple[str, str]]]:
+    """{section: [(old text, new text), ...]} from lesson.md's diff blocks, in lesson order."""
+    diffs = {}
+    for section, body in DIFF_BLOCK.findall(lesson):
+        old, new = [], []
+        for line in body.splitlines():
+            mark, code = (line[0], line[1:]) if line else (" ", "")
+            if mark not in " -+":
+                raise ValueError(f"a diff line of {section} must start with ' ', '-' or '+'")
+            if mark != "+":
+                old.append(code + "\n")
+            if mark != "-":
+                new.append(code + "\n")
+        diffs.setdefault(section, []).append(("".join(old), "".join(new)))
+    return diffs
 
 
-def file_at(text: str, section: str) -> str:
-    """main.py as it stands at the end of `section`."""
+def sections(text: str, lesson: str | None = None) -> list[str]:
+    """Every section that main.py marks or lesson.md changes, in lesson order."""
+    lesson = LESSON.read_text() if lesson is None else lesson
+    found = {section for section, _, _ in owned_lines(text)} | set(lesson_diffs(lesson))
+    return sorted(found, key=order)
+
+
+def keep_up_to(text: str, section: str) -> str:
     kept = [line for owner, _, line in owned_lines(text) if order(owner) <= order(section)]
     return squeeze_blank_lines("".join(kept))
+
+
+def undo(text: str, old: str, new: str, section: str) -> str:
+    """Put a diff's old lines back in place of its new ones, which must stand there once."""
+    found = ("\n" + text).count("\n" + new)
+    if found != 1:
+        first = new.strip().splitlines()[0] if new.strip() else "(empty)"
+        raise ValueError(
+            f"lesson.md's diff of {section} starting {first!r} is in the file {found} times, "
+            "not once"
+        )
+    return ("\n" + text).replace("\n" + new, "\n" + old, 1)[1:]
+
+
+def file_at(text: str, section: str, lesson: str | None = None) -> str:
+    """main.py as it stands at the end of `section`."""
+    lesson = LESSON.read_text() if lesson is None else lesson
+    diffs = lesson_diffs(lesson)
+    for later in reversed(sections(text, lesson)):
+        if order(later) <= order(section):
+            break
+        text = keep_up_to(text, later)
+        for old, new in reversed(diffs.get(later, [])):
+            text = undo(text, old, new, later)
+    return keep_up_to(text, section)
 
 
 def squeeze_blank_lines(code: str) -> str:
@@ -68,18 +132,17 @@ def squeeze_blank_lines(code: str) -> str:
     return re.sub(r"\n\n\n(?=[ \t])", "\n\n", code)
 
 
-def additions(text: str, section: str) -> list[str]:
-    """The pieces of code that `section` adds, in file order: what lesson.md shows for it.
+def additions(text: str, section: str, lesson: str | None = None) -> list[str]:
+    """The pieces of code that `section` adds, in file order: lesson.md's python blocks for it.
 
     A piece is a run of the section's lines in the file as it stands at the end of the
-    section, inside one block; the section's imports make one piece.
+    section, inside one block; the section's imports make one piece. What a section
+    changes in earlier lines is not here: lesson.md shows it as a diff.
     """
     pieces = []
     growing = False  # does the next line of the section extend the last piece?
     blanks = ""
-    for owner, title, line in owned_lines(text):
-        if order(owner) > order(section):
-            continue  # not written yet at the end of this section
+    for owner, title, line in owned_lines(file_at(text, section, lesson)):
         if not line.strip():
             blanks += line
             continue
@@ -95,17 +158,44 @@ def additions(text: str, section: str) -> list[str]:
     return [squeeze_blank_lines(piece) for piece in pieces]
 
 
-# A top-level line that defines or imports a name: def, class, import or assignment.
-DEFINITION = re.compile(r"(?:async def |def |class |import |from \S+ import )?(\w+)")
+def changed_lines(before: str, after: str) -> list[str]:
+    """The non-blank lines that `after` adds or changes, as `diff` shows them with a +."""
+    diff = difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+    return [line[1:] for line in diff if line[:1] == "+" and line[1:].strip()][1:]
 
 
-def introduced_in(text: str, name: str) -> str | None:
-    """The section that defines or imports `name` at the top level of main.py, if any."""
-    for section, _, line in owned_lines(text):
-        match = DEFINITION.match(line)
-        if match and match[1] == name:
-            return section
-    return None
+def prose_words(markdown: str) -> int:
+    without_code = re.sub(r"^```.*?^```$", "", markdown, flags=re.M | re.S)
+    return len(without_code.split())
+
+
+def core_sizes(text: str, lesson: str | None = None) -> dict[str, int]:
+    """What the core makes a student type and read, by the measures of BUDGETS."""
+    lesson = LESSON.read_text() if lesson is None else lesson
+    steps = {section: file_at(text, section, lesson) for section in CORE}
+    sizes = {"step 0 lines": sum(1 for line in steps["0"].splitlines() if line.strip())}
+    typed = []
+    for before, section in zip(CORE, CORE[1:], strict=False):
+        lines = changed_lines(steps[before], steps[section])
+        sizes[f"{section} lines"] = len(lines)
+        typed += lines
+    sizes["core lines"] = len(typed)
+    # Characters typed, not counting the indentation an editor makes.
+    sizes["core characters"] = sum(len(line.strip()) for line in typed)
+    core_prose = CORE_END.split(lesson)[0]
+    sizes["core words"] = prose_words(core_prose)
+    return sizes
+
+
+def over_budget(sizes: dict[str, int]) -> list[str]:
+    """One line for every size past its budget."""
+    over = []
+    for name, size in sizes.items():
+        per_section = name not in BUDGETS and name.endswith(" lines")
+        budget = BUDGETS["lines per section"] if per_section else BUDGETS.get(name)
+        if budget is not None and size > budget:
+            over.append(f"{name}: {size}, budget {budget}")
+    return over
 
 
 def main(argv: list[str]) -> None:
@@ -113,11 +203,19 @@ def main(argv: list[str]) -> None:
     known = sections(text)
     if argv == ["--list"]:
         print("\n".join(known))
+    elif argv == ["--sizes"]:
+        sizes = core_sizes(text)
+        for name, size in sizes.items():
+            budget = BUDGETS.get(name, BUDGETS["lines per section"])
+            print(f"{name:>16}: {size:5}  (budget {budget})")
+        over = over_budget(sizes)
+        print("over budget: " + "; ".join(over) if over else "every size is within its budget")
+        raise SystemExit(1 if over else 0)
     elif len(argv) == 1 and argv[0] in known:
         sys.stdout.write(file_at(text, argv[0]))
     else:
         raise SystemExit(
-            f"usage: python steps.py --list | python steps.py SECTION\nsections: {' '.join(known)}"
+            f"usage: python steps.py --list | --sizes | SECTION\nsections: {' '.join(known)}"
         )
 
 
