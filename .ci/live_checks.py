@@ -7,7 +7,8 @@ there, starts `uvicorn main:app` on 127.0.0.1, attacks it over HTTP from this pr
 (as clients at other addresses of 127.0.0.0/8 too), and stops it. Then `uvicorn main:app
 --workers 4`: on SQLite with no secret set, and on the PostgreSQL database
 TEST_DATABASE_URL names, if set (it drops its public schema). Then `--workers 2` with
-bcrypt's default cost, for the login throttle's timings (lesson section 7).
+bcrypt's default cost, for the timings of the hashing line and of the login throttle
+(lesson sections 12 and 7).
 Then starts the app must refuse (a short secret, a .jwt_secret that is not text, a
 users table from part 3), alone and with --workers 2: one message, no traceback, stop.
 One line per check, then "N passed, M failed"; exit 1 if any failed.
@@ -640,7 +641,7 @@ def postgresql_workers(database_url):
     report(f"{name}: no error in the log", not error, error or "none")
 
 
-# --- Section 7: the login throttle, the body limit, common passwords ------------
+# --- Sections 7 and 12: throttle, common passwords, body limit, hang-ups --------
 
 BIG_BODY = 5 * 1024 * 1024
 WRONG = "wrong horse battery"  # a wrong password that passes every rule
@@ -982,7 +983,7 @@ def refused_command(name, workdir, command, words, **settings):
 def refused_secrets():
     """A JWT_SECRET under 32 bytes, or a kept .jwt_secret that is not text."""
     workdir = new_workdir()
-    short = ["JWT_SECRET is too short"]
+    short = ["JWT_SECRET is missing or too short: use at least 32 bytes"]
     refused_start("JWT_SECRET of 9 bytes", workdir, short, JWT_SECRET="too-short")
     name = "JWT_SECRET of 9 bytes, --workers 2"
     refused_start(name, workdir, short, workers=2, JWT_SECRET="too-short")
