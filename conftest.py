@@ -32,7 +32,22 @@ HINTS = {
     "no such column: users.role": ("3.1", "the users table has no role column"),
     "no such column: role": ("3.1", "the users table has no role column"),
     'column "role" does not exist': ("3.1", "the users table has no role column"),
+    "no such column: users.token_version": ("6", "the users table has no token_version column"),
+    'column "token_version" does not exist': ("6", "the users table has no token_version column"),
 }
+
+
+# A top-level line that defines or imports a name: def, class, import or assignment.
+DEFINITION = re.compile(r"(?:async def |def |class |import |from \S+ import )?(\w+)")
+
+
+def introduced_in(name: str) -> str | None:
+    """The section of our main.py that defines or imports `name` at the top level, if any."""
+    for section, _, line in steps.owned_lines(steps.MAIN.read_text()):
+        match = DEFINITION.match(line)
+        if match and match[1] == name:
+            return section
+    return None
 
 
 def section_of(test_name: str) -> str | None:
@@ -56,7 +71,7 @@ def describe(error: BaseException, traceback) -> str:
         return str(error).split("\nassert ")[0]
     missing = getattr(error, "name", None)
     if isinstance(error, (NameError, AttributeError)) and missing:
-        section = steps.introduced_in(steps.MAIN.read_text(), missing)
+        section = introduced_in(missing)
         if section:
             return f"{section}: {missing} is missing or comes too late; section {section} adds it"
     if isinstance(error, sqlalchemy.exc.DBAPIError):

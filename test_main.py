@@ -6,6 +6,9 @@
 
 A test's name starts with its section: test_2_1_... checks section 2.1, and a
 failure starts with the section to reread (conftest.py writes that line).
+The core is sections 0 to 5; 6 to 8 go further, and 9 to 14 harden the app.
+Each checkpoint passes on the app as it stands after its section, and after
+every later one.
 The tests talk to the app through HTTP and to the database through the
 DATABASE_URL they set. Two sections add no route: the 1.2 tests call
 create_access_token with a row they insert, and the 2.1 tests put
@@ -113,7 +116,8 @@ def load_app(directory):
 
 @pytest.fixture(autouse=True)
 def stop_hashing_threads():
-    # Each app's hashing threads would keep it, and all it holds, alive to the end of the run.
+    # Each app's hashing threads (section 12) would keep it, and all it holds, alive to the
+    # end of the run.
     yield
     while loaded_apps:
         pool = getattr(loaded_apps.pop(), "hashing_pool", None)
@@ -189,6 +193,12 @@ def in_one_hour():
     return datetime.now(timezone.utc) + timedelta(hours=1)
 
 
+def patch_app(monkeypatch, module, name, value):
+    """Set one of the app's names for this test only."""
+    getattr(module, name)  # a missing name fails naming the section that adds it
+    monkeypatch.setattr(module, name, value)
+
+
 RFC_3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 SHIRT = {
     "name": "Linen shirt",
@@ -247,38 +257,6 @@ def test_0_dot_env_in_a_parent_folder_is_not_read(app_dir, monkeypatch, tmp_path
     with TestClient(load_app(app_dir).app):
         pass
     assert not (tmp_path / "parent.db").exists(), "0: read only the .env beside main.py"
-
-
-def test_0_a_database_that_cannot_be_opened_stops_startup_clearly(app_dir, monkeypatch, capsys):
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{app_dir / 'no such folder' / 'x.db'}")
-    refusal = startup_refusal(load_app(app_dir), capsys)
-    assert refusal and "Cannot open the database" in refusal and "DATABASE_URL" in refusal, (
-        f"0: say the database cannot be opened, and what to check; got {refusal!r}"
-    )
-    assert "Traceback" not in refusal
-
-
-def test_0_sqlite_runs_in_wal_mode(client, db):
-    if db.dialect.name != "sqlite":
-        pytest.skip("SQLite only")
-    [mode] = rows(db, "PRAGMA journal_mode")
-    assert mode["journal_mode"] == "wal", "0: readers must not wait for writers (create_tables)"
-
-
-def test_0_workers_starting_at_once_create_the_tables_once(app_dir, db):
-    # uvicorn --workers 4 starts four apps at once, and each creates the tables: create_all
-    # alone looks, then creates, so two workers can both find no table and both create it.
-    module = load_app(app_dir)
-    start = threading.Barrier(8)
-
-    def start_worker(_):
-        start.wait()
-        module.create_tables()
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(start_worker, range(8)))  # list(): re-raises a worker's error
-    tables = set(sqlalchemy.inspect(db).get_table_names())
-    assert {"users", "clothes"} <= tables, f"0: create_tables made {sorted(tables)}"
 
 
 # --- 1.2 Encode a token ------------------------------------------------------------
@@ -351,110 +329,31 @@ def test_1_2_no_utcnow():
     )
 
 
-def test_1_2_missing_secret_still_starts_with_a_warning(app_dir, db, monkeypatch, caplog):
-    monkeypatch.delenv("JWT_SECRET")
-    module = load_app(app_dir)
-    assert "JWT_SECRET is not set" in caplog.text, "1.2: warn that tokens die on restart"
-    assert token_for_ada(module, db)
+def why_it_stopped(app_dir, capsys):
+    """What the app said when it refused to start, or None if it started.
 
-
-def test_1_2_missing_secret_is_made_once_and_kept(app_dir, db, monkeypatch):
-    # Another worker of `uvicorn --workers 4`, or a restart, must read the same secret.
-    monkeypatch.delenv("JWT_SECRET")
-    token = token_for_ada(load_app(app_dir), db)
-    kept = app_dir / ".jwt_secret"
-    assert kept.exists(), "1.2: keep the secret made up in .jwt_secret beside main.py"
-    assert kept.stat().st_mode & 0o777 == 0o600, "1.2: only you may read .jwt_secret (0600)"
-    restarted = load_app(app_dir)
-    assert jwt.decode(token, restarted.JWT_SECRET, algorithms=["HS256"])["sub"] == "42", (
-        "1.2: after a restart the app must read the same secret, so old tokens still work"
-    )
-
-
-def test_1_2_missing_secret_says_once_where_it_is_kept(app_dir, monkeypatch, caplog):
-    monkeypatch.delenv("JWT_SECRET")
-    load_app(app_dir)
-    assert str(app_dir / ".jwt_secret") in caplog.text, "1.2: say where the secret is kept"
-    caplog.clear()
-    load_app(app_dir)
-    assert "JWT_SECRET" not in caplog.text, "1.2: say it once, when the file is made"
-
-
-def secrets_read_at_once(module, kept, workers=8):
-    """What each of several workers, started at the same moment, reads as the secret."""
-    start = threading.Barrier(workers)
-
-    def start_worker(_):
-        start.wait()
-        return module.load_or_create_secret(kept)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return set(pool.map(start_worker, range(workers)))
-
-
-def test_1_2_workers_starting_at_once_agree_on_the_secret(app_dir, tmp_path):
-    module = load_app(app_dir)
-    for attempt in range(5):  # a race shows only now and then: try a few times
-        folder = tmp_path / f"empty-{attempt}"
-        folder.mkdir()
-        kept = folder / ".jwt_secret"
-        found = secrets_read_at_once(module, kept)
-        assert found == {kept.read_text()}, f"1.2: 8 workers read {len(found)} secrets"
-        assert len(kept.read_text()) >= 32, "1.2: make it with secrets.token_urlsafe(32)"
-        assert [path.name for path in folder.iterdir()] == [".jwt_secret"], "1.2: no file left"
-
-
-def test_1_2_missing_secret_is_random_per_folder(app_dir, tmp_path, monkeypatch):
-    # A made-up secret that anybody could read in main.py would be no secret.
-    monkeypatch.delenv("JWT_SECRET")
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(app_dir / "main.py", other / "main.py")
-    assert load_app(app_dir).JWT_SECRET != load_app(other).JWT_SECRET
-
-
-def test_1_2_a_set_secret_wins_and_no_file_is_made(app_dir):
-    assert load_app(app_dir).JWT_SECRET == SECRET
-    assert not (app_dir / ".jwt_secret").exists(), "1.2: JWT_SECRET is set: keep no file"
-
-
-def refused_start(app_dir, capsys, why):
-    """What the app printed when it refused to start; a failure if nothing stopped it."""
+    raise SystemExit("...") says it in the exit status; refuse_to_start (13) prints it.
+    """
     capsys.readouterr()
     try:
         load_app(app_dir)
     except SystemExit as stopped:
-        assert stopped.code == 3, (
-            f"1.2: refuse with refuse_to_start (exit status 3, uvicorn's STARTUP_FAILURE, so "
-            f"that --workers stops too), not with exit status {stopped.code!r}"
-        )
-        return capsys.readouterr().err
-    pytest.fail(f"1.2: {why} must stop the app", pytrace=False)
+        printed = capsys.readouterr().err
+        return stopped.code if isinstance(stopped.code, str) else printed
+    return None
 
 
 @pytest.mark.parametrize("length", [31, 32])
 def test_1_2_secret_needs_32_bytes(app_dir, monkeypatch, capsys, length):
     monkeypatch.setenv("JWT_SECRET", "s" * length)
+    message = why_it_stopped(app_dir, capsys)
     if length < 32:
-        refused_start(app_dir, capsys, "a JWT_SECRET shorter than 32 bytes")
+        assert message is not None, (
+            "1.2: a JWT_SECRET shorter than 32 bytes must stop the app: raise SystemExit"
+        )
+        assert "JWT_SECRET" in message, f"1.2: say that JWT_SECRET is too short; got {message!r}"
     else:
-        load_app(app_dir)  # no SystemExit: 32 bytes is enough
-
-
-def test_1_2_short_secret_stops_startup_with_advice(app_dir, monkeypatch, capsys):
-    monkeypatch.setenv("JWT_SECRET", "too-short")
-    printed = refused_start(app_dir, capsys, "a JWT_SECRET shorter than 32 bytes")
-    assert "secrets.token_urlsafe" in printed, "1.2: say how to make a good secret"
-    assert "Traceback" not in printed, "1.2: one clear message, no traceback"
-
-
-def test_1_2_a_kept_secret_that_is_not_text_stops_startup_clearly(app_dir, monkeypatch, capsys):
-    monkeypatch.delenv("JWT_SECRET")
-    (app_dir / ".jwt_secret").write_bytes(b"\xff\xfe not text")
-    printed = refused_start(app_dir, capsys, "a .jwt_secret that is not text")
-    assert ".jwt_secret" in printed and "Delete" in printed and "JWT_SECRET" in printed, (
-        f"1.2: name the file and say how to fix it; printed {printed!r}"
-    )
+        assert message is None, f"1.2: 32 bytes are enough, yet the app stopped: {message!r}"
 
 
 def test_1_2_dot_env_secret_is_read(app_dir, db, monkeypatch):
@@ -462,7 +361,9 @@ def test_1_2_dot_env_secret_is_read(app_dir, db, monkeypatch):
     (app_dir / ".env").write_text(f"JWT_SECRET={env_secret}\n")
     monkeypatch.delenv("JWT_SECRET")
     token = token_for_ada(load_app(app_dir), db)
-    assert jwt.decode(token, env_secret, algorithms=["HS256"])["sub"] == "42"
+    assert jwt.decode(token, env_secret, algorithms=["HS256"])["sub"] == "42", (
+        "1.2: sign with the JWT_SECRET of the .env beside main.py"
+    )
 
 
 # --- 1.3 Register returns a token ----------------------------------------------------
@@ -508,92 +409,38 @@ def test_1_3_same_email_twice_is_409_and_keeps_the_first_user(client, db):
 
 
 def test_1_3_same_email_at_once_gives_one_user(client, db):
-    body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
     with ThreadPoolExecutor(max_workers=10) as pool:
-        responses = list(pool.map(lambda _: client.post("/register", json=body), range(10)))
+        responses = list(pool.map(lambda _: client.post("/register", json=BODY), range(10)))
     codes = sorted(response.status_code for response in responses)
     assert codes == [201] + [409] * 9, f"1.3: expected one 201 and nine 409, got {codes}"
     assert len(rows(db, "SELECT id FROM users")) == 1, "1.3: one email, one user"
 
 
-def test_1_3_only_a_taken_email_is_409(app_dir, db):
-    # Another broken rule is a server error to fix, not "email taken".
-    if db.dialect.name != "sqlite":
-        pytest.skip("uses a SQLite trigger")
-    with TestClient(load_app(app_dir).app, raise_server_exceptions=False) as client:
-        run_sql(
-            db,
-            "CREATE TRIGGER refuse BEFORE INSERT ON users "
-            "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END",
-        )
-        body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
-        response = client.post("/register", json=body)
-    assert response.status_code == 500, (
-        "1.3: answer 409 only for a taken email (SQLITE_CONSTRAINT_UNIQUE), "
-        f"got {response.status_code}: {response.text}"
-    )
+def expect_422_and_no_user(client, db, changes, section):
+    """POST /register with each change to BODY: every one 422, and no user stored."""
+    for case, change in changes.items():
+        body = {**BODY, **change}
+        body = {key: value for key, value in body.items() if value is not None}
+        # json.dumps writes "\ud800" as an escape, as a hostile client can.
+        response = client.post("/register", content=json.dumps(body), headers=JSON_HEADERS)
+        expect(response, 422, f"{section} ({case})")
+        assert rows(db, "SELECT id FROM users") == [], f"{section} ({case}): store nothing"
 
 
 INVALID_REGISTRATIONS = {
     "bad-email": {"email": "not-an-email"},
     "no-email": {"email": None},
     "short-password": {"password": "short"},
-    "74-byte-password": {"password": "é" * 37},  # 74 bytes: bcrypt would silently drop the end
-    "nul-password": {"password": "pass\x00word"},  # bcrypt refuses NUL characters
+    "73-character-password": {"password": "x" * 73},  # more than bcrypt takes
     "long-phone": {"phone": "1" * 14},  # longer than the column
     "long-name": {"full_name": "x" * 201},
     "empty-name": {"full_name": ""},
     "long-email": {"email": ("a" * 110) + "@example.com"},  # longer than the column
-    "nul-name": {"full_name": "Ada\x00Lovelace"},  # PostgreSQL refuses NUL: a 500 there
-    "nul-phone": {"phone": "+359\x00888"},
-    "newline-name": {"full_name": "Ada\nLovelace"},  # no control characters in a name
-    "surrogate-phone": {"phone": "\ud800"},  # half a UTF-16 pair: no database can store it
-    # 120 characters, 152 once lowercased: "İ" becomes two.
-    "email-growing-past-120": {"email": "İ" * 32 + "@" + "d" * 40 + "." + "e" * 42 + ".com"},
 }
 
 
 def test_1_3_invalid_registration_is_422_and_stores_nothing(client, db):
-    for case, change in INVALID_REGISTRATIONS.items():
-        body = {"email": "ada@example.com", "password": "correct horse", "full_name": "Ada L"}
-        body.update(change)
-        body = {key: value for key, value in body.items() if value is not None}
-        # json.dumps writes "\ud800" as an escape, as a hostile client can.
-        content = json.dumps(body)
-        response = client.post("/register", content=content, headers=JSON_HEADERS)
-        expect(response, 422, f"1.3 ({case})")
-        assert rows(db, "SELECT id FROM users") == [], f"1.3 ({case}): store nothing"
-
-
-def test_1_3_one_account_per_email_whatever_its_letter_case(client, db):
-    register(client, email="Ada@Example.com")
-    assert [row["email"] for row in rows(db, "SELECT email FROM users")] == ["ada@example.com"], (
-        "1.3: store the email lowercased (the Email type in 0)"
-    )
-    body = {**BODY, "email": "ADA@example.com"}
-    expect(client.post("/register", json=body), 409, "1.3: the same email in capitals")
-    assert len(rows(db, "SELECT id FROM users")) == 1, "1.3: one email, one account"
-
-
-def test_1_3_a_token_answer_is_never_cached(client):
-    response = client.post("/register", json=BODY)
-    expect(response, 201, "1.3")
-    assert response.headers.get("cache-control") == "no-store", (
-        "1.3: an answer with a token says Cache-Control: no-store (RFC 6749, 5.1): "
-        "add dependencies=[Depends(no_store)]"
-    )
-
-
-def refused_password_is_not_sent_back(client, route, section):
-    response = client.post(route, json={**BODY, "password": "secret\x00password"})
-    expect(response, 422, section)
-    assert "secret" not in response.text, (
-        f"{section}: a 422 must not repeat the password it refused: {response.text}"
-    )
-
-
-def test_1_3_a_refused_password_is_not_sent_back(client):
-    refused_password_is_not_sent_back(client, "/register", "1.3")
+    expect_422_and_no_user(client, db, INVALID_REGISTRATIONS, "1.3")
 
 
 def test_1_3_a_72_byte_password_is_accepted(client):
@@ -601,9 +448,7 @@ def test_1_3_a_72_byte_password_is_accepted(client):
 
 
 def test_1_3_broken_json_is_422(client):
-    response = client.post(
-        "/register", content=b'{"email": ', headers={"Content-Type": "application/json"}
-    )
+    response = client.post("/register", content=b'{"email": ', headers=JSON_HEADERS)
     expect(response, 422, "1.3")
 
 
@@ -627,46 +472,9 @@ def test_1_3_hashing_runs_off_the_event_loop(client, monkeypatch):
     loops_seen = loops_during(monkeypatch, "hash")
     register(client)
     assert loops_seen == [None], (
-        "1.3: hash the password in a thread (run_hashing), or every other request waits for it"
+        "1.3: hash the password in a thread (await run_in_threadpool(pwd_context.hash, ...)), "
+        "or every other request waits for it"
     )
-
-
-def test_1_3_a_full_hashing_line_is_503_at_once(app_dir, monkeypatch):
-    module = load_app(app_dir)
-    monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 1)
-    hashing, release = threading.Event(), threading.Event()
-    real_hash = CryptContext.hash
-
-    def slow_hash(self, secret, **kwargs):
-        hashing.set()
-        release.wait(timeout=10)
-        return real_hash(self, secret, **kwargs)
-
-    monkeypatch.setattr(CryptContext, "hash", slow_hash)
-    with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=1) as pool:
-        first = pool.submit(client.post, "/register", json=BODY)
-        assert hashing.wait(timeout=10), "1.3: the first registration never started its hash"
-        busy = client.post("/register", json={**BODY, "email": "bob@example.com"})
-        release.set()
-        expect(first.result(timeout=10), 201, "1.3: the first in line is served")
-    expect(busy, 503, "1.3: past MAX_HASHES_IN_LINE, answer 503 at once (run_hashing)")
-    assert busy.headers.get("retry-after") == "2", "1.3: say when to come back: Retry-After"
-
-
-class HungUp:
-    """A request whose client has gone: what run_hashing sees after a hang-up."""
-
-    async def is_disconnected(self):
-        return True
-
-
-def test_1_3_a_client_that_hung_up_costs_no_hash(app_dir):
-    module = load_app(app_dir)
-    hashed = []
-    with pytest.raises(module.HTTPException) as refused:
-        asyncio.run(module.run_hashing(HungUp(), hashed.append, "a password"))
-    assert hashed == [], "1.3: check request.is_disconnected() just before the hash"
-    assert refused.value.status_code == 499
 
 
 # --- 2.1 The custom HTTPBearer class -------------------------------------------------
@@ -737,12 +545,7 @@ BAD_TOKENS = {
     "alg-none": jwt.encode({"sub": "1", "exp": in_one_hour()}, None, algorithm="none"),
     "no-sub": make_token({"exp": in_one_hour()}),
     "no-exp": make_token({"sub": "1"}),
-    "text-sub": make_token({"sub": "ada", "exp": in_one_hour()}),
-    "sql-sub": make_token({"sub": "1 OR 1=1", "exp": in_one_hour()}),
-    "huge-sub": make_token({"sub": "9" * 40, "exp": in_one_hour()}),
-    # Beyond PostgreSQL's INTEGER (2**31 - 1): a 500 there if it reached the query.
-    "sub-past-int32": make_token({"sub": "2147483648", "exp": in_one_hour()}),
-    "sub-of-11-digits": make_token({"sub": "99999999999", "exp": in_one_hour()}),
+    "unknown-user": make_token({"sub": "2", "exp": in_one_hour()}),
     "garbage": "not-a-jwt",
     "three-parts": "a.b.c",
     "10kB": "x" * 10_000,
@@ -754,17 +557,6 @@ def test_2_1_bad_token_is_401_invalid_token(probe):
     for case, token in BAD_TOKENS.items():
         response = probe.get("/checkpoint/me", headers=bearer(token))
         expect_401(response, "Invalid token.", f"2.1 ({case})")
-
-
-def test_2_1_two_authorization_headers_are_refused(probe):
-    # Which of two headers counts depends on who reads them: accept neither.
-    token = register(probe)
-    for headers in (
-        [("Authorization", f"Bearer {token}"), ("Authorization", "Bearer junk")],
-        [("Authorization", "Bearer junk"), ("Authorization", f"Bearer {token}")],
-    ):
-        response = probe.get("/checkpoint/me", headers=headers)
-        expect_401(response, "Send one Authorization header.", "2.1")
 
 
 def test_2_1_lower_case_bearer_is_accepted(probe):
@@ -792,107 +584,6 @@ def test_2_1_token_of_a_deleted_user_never_passes_to_a_new_user(probe, db):
     run_sql(db, "DELETE FROM users WHERE email = 'leaver@example.com'")
     register(probe, email="newcomer@example.com")  # must not get the leaver's id
     expect_401(probe.get("/checkpoint/me", headers=bearer(token)), "Invalid token.", "2.1")
-
-
-@pytest.fixture
-def connections(monkeypatch):
-    """Count the connections the app takes from the database driver and gives back:
-    aiosqlite opens a new one each time, asyncpg lends one from its pool."""
-    count = {"taken": 0, "given back": 0}
-
-    def counting(function, key):
-        def counted(*args, **kwargs):
-            count[key] += 1
-            return function(*args, **kwargs)
-
-        return counted
-
-    monkeypatch.setattr(aiosqlite, "connect", counting(aiosqlite.connect, "taken"))
-    close = counting(aiosqlite.Connection.close, "given back")
-    monkeypatch.setattr(aiosqlite.Connection, "close", close)
-    monkeypatch.setattr(asyncpg.Pool, "acquire", counting(asyncpg.Pool.acquire, "taken"))
-    monkeypatch.setattr(asyncpg.Pool, "release", counting(asyncpg.Pool.release, "given back"))
-    return count
-
-
-def with_test_routes(module):
-    """The app, with two routes of the tests' own behind oauth2_scheme."""
-
-    @module.app.get("/checkpoint/query", dependencies=[Depends(module.oauth2_scheme)])
-    async def one_more_query():
-        return await module.database.fetch_val("SELECT 1")
-
-    @module.app.get("/checkpoint/crash", dependencies=[Depends(module.oauth2_scheme)])
-    async def crash():
-        raise RuntimeError("a bug in a route: a 500")
-
-    return module.app
-
-
-def test_2_1_the_token_check_and_the_route_share_one_connection(app_dir, connections):
-    with TestClient(with_test_routes(load_app(app_dir))) as client:
-        token = register(client)
-        for headers, status_code in [(bearer(token), 200), (bearer("not-a-jwt"), 401)]:
-            taken = connections["taken"]
-            expect(client.get("/checkpoint/query", headers=headers), status_code, "2.1")
-            assert connections["taken"] - taken <= 1, (
-                f"2.1: a request answered {status_code} took {connections['taken'] - taken} "
-                "database connections, one per query: the user lookup and the route share one"
-            )
-            assert connections["given back"] == connections["taken"], (
-                f"2.1: a request answered {status_code} and kept its database connection"
-            )
-
-
-def hung_up(app, path, token):
-    """GET path straight from the ASGI app, for a client that hangs up at once:
-    uvicorn tells the app so (http.disconnect) and drops the answer."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {token}".encode())],
-    }
-
-    async def receive():
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        pass
-
-    return app(scope, receive, send)
-
-
-def test_2_1_requests_cut_short_give_their_connections_back(app_dir, connections):
-    app = with_test_routes(load_app(app_dir))
-    with TestClient(app) as client:
-        token = register(client)
-
-    async def burst():
-        async with app.router.lifespan_context(app):
-            requests = []
-            for _ in range(10):  # 30 at once: more than asyncpg's pool of 10 connections
-                requests.append(hung_up(app, "/checkpoint/query", token))
-                requests.append(hung_up(app, "/checkpoint/query", "not-a-jwt"))
-                requests.append(hung_up(app, "/checkpoint/crash", token))
-            await asyncio.gather(*requests, return_exceptions=True)
-
-    try:
-        asyncio.run(asyncio.wait_for(burst(), 30))
-    except TimeoutError:
-        pytest.fail("2.1: requests waited 30 s for a database connection", pytrace=False)
-    assert connections["given back"] == connections["taken"], (
-        f"2.1: {connections['taken'] - connections['given back']} database connections "
-        "still taken after a burst of requests cut short"
-    )
 
 
 # --- 2.2 Protect GET /clothes/ ------------------------------------------------------
@@ -956,53 +647,6 @@ def test_3_1_a_role_in_the_body_is_ignored(client, db):
     register(client, role="super_admin")
     [user] = rows(db, "SELECT role FROM users")
     assert user["role"] == "user", "3.1: nobody may make themselves an admin by registering"
-
-
-# The users table as part 3 left it, in SQL that SQLite and PostgreSQL both take.
-PART_3_USERS = (
-    "CREATE TABLE users (id INTEGER PRIMARY KEY, email VARCHAR(120) NOT NULL UNIQUE, "
-    "password VARCHAR(255) NOT NULL, full_name VARCHAR(200), phone VARCHAR(13), "
-    "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, "
-    "last_modified_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP{more})"
-)
-
-
-def startup_refusal(module, capsys):
-    """What the app prints when it refuses to start, as uvicorn starts it; None if it starts.
-
-    It speaks the ASGI lifespan protocol, as uvicorn does: the app must answer
-    "lifespan.startup.failed" and stop with exit status 3, uvicorn's STARTUP_FAILURE.
-    """
-    to_app = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
-    from_app = []
-
-    async def receive():
-        return next(to_app)
-
-    async def send(message):
-        from_app.append(message["type"])
-
-    capsys.readouterr()
-    try:
-        asyncio.run(module.app({"type": "lifespan", "state": {}}, receive, send))
-    except SystemExit as stopped:
-        assert (stopped.code, from_app) == (3, ["lifespan.startup.failed"]), (
-            "0: refuse in StartupChecks with refuse_to_start: uvicorn must hear "
-            f"lifespan.startup.failed and see exit status 3; got {stopped.code!r}, {from_app}"
-        )
-        return capsys.readouterr().err
-    return None
-
-
-def test_3_1_a_part_3_database_is_refused_at_startup(app_dir, db, capsys):
-    # create_all leaves an existing table as it is: the role column would be missing.
-    run_sql(db, PART_3_USERS.format(more=""))
-    refusal = startup_refusal(load_app(app_dir), capsys)
-    assert refusal and "role" in refusal and "Appendix H" in refusal, (
-        "3.1: on a users table without role, stop at startup with a message that names the "
-        f"column and Appendix H (check_columns in 0), not with a 500 later; got {refusal!r}"
-    )
-    assert "Traceback" not in refusal, "3.1: one clear message, no traceback"
 
 
 # --- 3.2 The is_admin dependency ------------------------------------------------------
@@ -1084,6 +728,25 @@ def test_3_2_role_is_read_from_the_database_on_every_request(client, db):
     assert len(rows(db, "SELECT id FROM clothes")) == 1, "3.2: the refused request adds nothing"
 
 
+def admin_token(client, db):
+    token = register(client)
+    set_role(db, "ada@example.com", "admin")
+    return token
+
+
+def expect_422_and_no_clothes(client, db, changes, section):
+    """POST /clothes/ as an admin with each change to SHIRT: every one 422, nothing stored."""
+    token = admin_token(client, db)
+    for case, change in changes.items():
+        body = {**SHIRT, **change}
+        body = {key: value for key, value in body.items() if value is not None}
+        response = client.post(
+            "/clothes/", content=json.dumps(body), headers={**JSON_HEADERS, **bearer(token)}
+        )
+        expect(response, 422, f"{section} ({case})")
+        assert rows(db, "SELECT id FROM clothes") == [], f"{section} ({case}): store nothing"
+
+
 INVALID_CLOTHES = {
     "bad-size": {"size": "xxxl"},
     "bad-color": {"color": "green"},
@@ -1091,56 +754,18 @@ INVALID_CLOTHES = {
     "empty-name": {"name": ""},
     "long-name": {"name": "x" * 121},
     "long-photo-url": {"photo_url": "https://example.com/" + "x" * 250},
-    "nul-name": {"name": "Linen\x00shirt"},  # PostgreSQL refuses NUL: a 500 there
-    "newline-name": {"name": "Linen\nshirt"},
-    "javascript-url": {"photo_url": "javascript:alert(1)"},  # shown to every user, maybe as a link
-    "data-url": {"photo_url": "data:text/html,<script>alert(1)</script>"},
-    "ftp-url": {"photo_url": "ftp://example.com/shirt.jpg"},
-    "no-scheme": {"photo_url": "example.com/shirt.jpg"},
-    "no-host": {"photo_url": "https://"},
-    "nul-url": {"photo_url": "https://example.com/\x00.jpg"},
 }
 
 
 def test_3_2_invalid_clothes_are_422(client, db):
-    token = register(client)
-    set_role(db, "ada@example.com", "admin")
-    for case, change in INVALID_CLOTHES.items():
-        body = {**SHIRT, **change}
-        body = {key: value for key, value in body.items() if value is not None}
-        response = client.post("/clothes/", json=body, headers=bearer(token))
-        expect(response, 422, f"3.2 ({case})")
-        assert rows(db, "SELECT id FROM clothes") == [], f"3.2 ({case}): store nothing"
+    expect_422_and_no_clothes(client, db, INVALID_CLOTHES, "3.2")
 
 
-def test_3_2_http_and_https_photos_are_accepted(client, db):
-    token = register(client)
-    set_role(db, "ada@example.com", "admin")
-    for url in ("http://example.com/a.jpg", "HTTPS://EXAMPLE.COM/B.JPG"):
-        response = client.post("/clothes/", json={**SHIRT, "photo_url": url}, headers=bearer(token))
-        expect(response, 201, "3.2: an http or https photo URL")
-        assert response.json()["photo_url"] == url, "3.2: store the URL as it was sent"
-
-
-def test_3_2_rows_from_before_the_rules_still_list(client, db):
-    # The new rules check what comes in; rows already stored must still be listed.
-    token = register(client)
-    run_sql(
-        db,
-        "INSERT INTO clothes (name, color, size, photo_url) "
-        "VALUES ('Old\tscarf', 'pink', 'xl', 'u')",
-    )
-    response = client.get("/clothes/", headers=bearer(token))
-    expect(response, 200, "3.2: put the new rules on ClothesIn, not on ClothesBase")
-    assert response.json()[0]["name"] == "Old\tscarf"
-
-
-def test_3_2_openapi_declares_401_and_403(client):
+def test_3_2_openapi_shows_that_adding_clothes_needs_a_token(client):
     post = client.get("/openapi.json").json()["paths"]["/clothes/"].get("post")
     assert post, "3.2: add the POST /clothes/ route"
-    assert post["security"] == [{"CustomHTTPBearer": []}], "3.2: POST needs the token too"
-    assert {"401", "403"} <= set(post["responses"]), (
-        "3.2: declare the 401 and 403 answers, so Swagger and clients know them"
+    assert post.get("security") == [{"CustomHTTPBearer": []}], (
+        "3.2: POST /clothes/ depends on is_admin, which depends on oauth2_scheme"
     )
 
 
@@ -1168,23 +793,6 @@ def test_4_bad_login_is_one_and_the_same_401(client, credentials):
     expect_401(client.post("/login", json=credentials), "Incorrect email or password.", "4")
 
 
-def test_4_login_ignores_the_letter_case_of_the_email(client, db):
-    register(client)
-    response = client.post("/login", json={"email": "ADA@Example.com", "password": "correct horse"})
-    expect(response, 200, "4: log in with the email in capitals (the Email type)")
-    payload = jwt.decode(response.json()["token"], SECRET, algorithms=["HS256"])
-    assert payload["sub"] == str(user_id(db, "ada@example.com"))
-
-
-def test_4_a_token_answer_is_never_cached(client):
-    register(client)
-    response = client.post("/login", json={"email": "ada@example.com", "password": "correct horse"})
-    expect(response, 200, "4")
-    assert response.headers.get("cache-control") == "no-store", (
-        "4: an answer with a token says Cache-Control: no-store: Depends(no_store), as in 1.3"
-    )
-
-
 def test_4_login_token_belongs_to_that_user(client, db):
     register(client, email="first@example.com")
     register(client)
@@ -1206,18 +814,15 @@ def test_4_login_checks_one_password_off_the_event_loop(client, monkeypatch, ema
     client.post("/login", json={"email": email, "password": "wrong horse"})
     assert loops_seen == [None], (
         "4: check the password (or, for an unknown email, a dummy hash) exactly once, "
-        f"in a thread, not on the event loop; seen {loops_seen}"
+        f"in a thread (run_in_threadpool), not on the event loop; seen {loops_seen}"
     )
-
-
-def test_4_a_refused_password_is_not_sent_back(client):
-    refused_password_is_not_sent_back(client, "/login", "4")
 
 
 INVALID_LOGINS = {
     "no-password": {"email": "ada@example.com"},
-    "100-byte-password": {"email": "ada@example.com", "password": "x" * 100},
-    "nul-password": {"email": "ada@example.com", "password": "pass\x00word"},
+    "no-email": {"password": "correct horse"},
+    "bad-email": {"email": "ada", "password": "correct horse"},
+    "100-character-password": {"email": "ada@example.com", "password": "x" * 100},
 }
 
 
@@ -1231,30 +836,26 @@ def test_4_invalid_login_body_is_422(client):
 # --- 5 Making an admin -------------------------------------------------------------------
 
 
-def test_5_create_user_makes_an_admin_who_can_add_clothes(app_dir, db):
-    # The real command line, as the README shows it, with the password piped in.
-    result = subprocess.run(
-        [sys.executable, "main.py", "create-user", "boss@example.com", "--role", "admin"],
-        cwd=app_dir,
-        input="admin password\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, f"5: create-user failed: {result.stderr}"
-    assert "Created boss@example.com" in result.stdout, (
-        "5: `python main.py create-user` did nothing: end the file with main() and "
-        f'`if __name__ == "__main__": main()`; it printed {result.stdout!r}'
-    )
-    [user] = rows(db, "SELECT role FROM users WHERE email = 'boss@example.com'")
-    assert user["role"] == "admin"
+def test_5_set_role_on_the_command_line_makes_an_admin(app_dir, db):
     with TestClient(load_app(app_dir).app) as client:
-        response = client.post(
-            "/login", json={"email": "boss@example.com", "password": "admin password"}
+        token = register(client)
+        # The real command line, as the lesson shows it.
+        result = subprocess.run(
+            [sys.executable, "main.py", "set-role", "ada@example.com", "admin"],
+            cwd=app_dir,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        expect(response, 200, "5: the new admin logs in")
-        created = client.post("/clothes/", json=SHIRT, headers=bearer(response.json()["token"]))
-        expect(created, 201, "5: the new admin adds clothes")
+        assert result.returncode == 0, f"5: set-role failed: {result.stderr[-1000:]}"
+        assert "ada@example.com is now admin." in result.stdout, (
+            "5: `python main.py set-role` did nothing: end the file with main() and "
+            f'`if __name__ == "__main__": main()`; it printed {result.stdout!r}'
+        )
+        [user] = rows(db, "SELECT role FROM users")
+        assert user["role"] == "admin", "5: set-role stores the new role"
+        created = client.post("/clothes/", json=SHIRT, headers=bearer(token))
+        expect(created, 201, "5: the new admin adds clothes with the token from before")
 
 
 def run_command(app_dir, monkeypatch, *args, password="admin password"):
@@ -1278,69 +879,11 @@ def test_5_set_role_of_an_unknown_email_fails_clearly(app_dir, monkeypatch):
         run_command(app_dir, monkeypatch, "set-role", "nobody@example.com", "admin")
 
 
-def test_5_create_user_twice_fails_and_keeps_the_first(app_dir, db, monkeypatch):
-    run_command(app_dir, monkeypatch, "create-user", "boss@example.com", "--role", "admin")
-    with pytest.raises(SystemExit, match="boss@example.com is taken"):
-        run_command(app_dir, monkeypatch, "create-user", "boss@example.com", "--role", "user")
-    [user] = rows(db, "SELECT role FROM users")
-    assert user["role"] == "admin"
-
-
-def test_5_create_user_reports_other_database_errors_as_they_are(app_dir, db, monkeypatch):
-    # As in 1.3: only a taken email is "taken"; any other broken rule shows itself.
-    if db.dialect.name != "sqlite":
-        pytest.skip("uses a SQLite trigger")
-    run_command(app_dir, monkeypatch, "create-user", "first@example.com")
-    run_sql(
-        db,
-        "CREATE TRIGGER refuse BEFORE INSERT ON users "
-        "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END",
-    )
-    with pytest.raises(sqlalchemy.exc.IntegrityError, match="the disk is full"):
-        run_command(app_dir, monkeypatch, "create-user", "boss@example.com")
-
-
-def test_5_create_user_checks_the_password(app_dir, db, monkeypatch):
-    with pytest.raises(SystemExit, match="password") as stopped:
-        run_command(app_dir, monkeypatch, "create-user", "boss@example.com", password="shrt")
-    assert "shrt" not in str(stopped.value), "5: never show the password on screen"
-    assert rows(db, "SELECT id FROM users") == []
-
-
-def test_5_create_user_makes_an_admin_by_default(app_dir, db, monkeypatch):
-    run_command(app_dir, monkeypatch, "create-user", "boss@example.com")
-    [user] = rows(db, "SELECT role FROM users")
-    assert user["role"] == "admin", "5: create-user without --role makes an admin"
-
-
-def test_5_commands_take_an_email_in_any_letter_case(app_dir, db, monkeypatch, capsys):
-    run_command(app_dir, monkeypatch, "create-user", "Boss@Example.com", "--role", "user")
-    [user] = rows(db, "SELECT email FROM users")
-    assert user["email"] == "boss@example.com", "5: create-user stores the email lowercased"
-    with pytest.raises(SystemExit, match="boss@example.com is taken"):
-        run_command(app_dir, monkeypatch, "create-user", "BOSS@example.com")
-    run_command(app_dir, monkeypatch, "set-role", "BOSS@EXAMPLE.COM", "admin")
-    assert rows(db, "SELECT role FROM users")[0]["role"] == "admin", (
-        "5: set-role finds the user whatever the letter case (type=str.lower)"
-    )
-
-
-def test_5_commands_normalise_an_email_as_the_api_does(app_dir, db, monkeypatch, capsys):
-    with TestClient(load_app(app_dir).app) as client:
-        register(client)
-    run_command(app_dir, monkeypatch, "set-role", "ada@ＥＸＡＭＰＬＥ.com", "admin")
-    assert rows(db, "SELECT role FROM users")[0]["role"] == "admin", (
-        "5: set-role reads the email with the API's rules (email_address)"
-    )
-    with pytest.raises(SystemExit):
-        run_command(app_dir, monkeypatch, "set-role", "not an email", "admin")
-    assert "not a valid email address" in capsys.readouterr().err
-
-
-def test_5_create_user_refuses_control_characters(app_dir, db, monkeypatch):
-    with pytest.raises(SystemExit, match="full_name"):
-        run_command(app_dir, monkeypatch, "create-user", "b@example.com", "--full-name", "B\x00b")
-    assert rows(db, "SELECT id FROM users") == []
+def test_5_set_role_works_before_the_server_ever_ran(app_dir, db, monkeypatch):
+    # A fresh clone: no tables yet. The command makes them, then finds nobody.
+    with pytest.raises(SystemExit, match="No user with email"):
+        run_command(app_dir, monkeypatch, "set-role", "ada@example.com", "admin")
+    assert "users" in sqlalchemy.inspect(db).get_table_names(), "5: main() creates the tables"
 
 
 def test_5_unknown_role_is_refused(app_dir, monkeypatch, capsys):
@@ -1362,6 +905,11 @@ def version_of_ada(db):
     return rows(db, "SELECT token_version FROM users WHERE email = 'ada@example.com'")[0][
         "token_version"
     ]
+
+
+def change_password(client, token, new_password="battery staple", old="correct horse"):
+    body = {"old_password": old, "new_password": new_password}
+    return client.post("/password", json=body, headers=bearer(token))
 
 
 def test_6_logout_revokes_every_token_of_the_user(client, db):
@@ -1406,8 +954,7 @@ def test_6_logouts_at_once_all_count(client, db):
 def test_6_password_change_returns_a_token_and_revokes_the_old_ones(client, db):
     register(client)
     old = login(client)
-    change = {"old_password": "correct horse", "new_password": "battery staple"}
-    response = client.post("/password", json=change, headers=bearer(old))
+    response = change_password(client, old)
     expect(response, 200, "6")
     assert list(response.json()) in TOKEN_ANSWERS, (
         f"6: answer {{'token': ...}}, got {response.json()}"
@@ -1422,8 +969,7 @@ def test_6_password_change_returns_a_token_and_revokes_the_old_ones(client, db):
 def test_6_wrong_old_password_is_400_and_changes_nothing(client, db):
     token = register(client)
     [before] = rows(db, "SELECT * FROM users")
-    change = {"old_password": "wrong horse", "new_password": "battery staple"}
-    response = client.post("/password", json=change, headers=bearer(token))
+    response = change_password(client, token, old="wrong horse")
     expect(response, 400, "6")
     assert response.json() == {"detail": "Incorrect password."}
     assert rows(db, "SELECT * FROM users") == [before], "6: a refused change changes nothing"
@@ -1433,25 +979,10 @@ def test_6_wrong_old_password_is_400_and_changes_nothing(client, db):
 def test_6_new_password_is_checked_like_at_register(client, db):
     token = register(client)
     [before] = rows(db, "SELECT * FROM users")
-    for case, new_password in {
-        "short": "short",
-        "74-byte": "é" * 37,
-        "nul": "pass\x00word",
-    }.items():
-        change = {"old_password": "correct horse", "new_password": new_password}
-        response = client.post("/password", json=change, headers=bearer(token))
-        expect(response, 422, f"6 ({case})")
+    for case, new_password in {"short": "short", "73-character": "x" * 73}.items():
+        response = change_password(client, token, new_password)
+        expect(response, 422, f"6 ({case}): a NewPassword, as at register")
         assert rows(db, "SELECT * FROM users") == [before], f"6 ({case}): nothing changes"
-
-
-def test_6_a_password_change_answer_is_never_cached(client):
-    token = register(client)
-    change = {"old_password": "correct horse", "new_password": "battery staple"}
-    response = client.post("/password", json=change, headers=bearer(token))
-    expect(response, 200, "6")
-    assert response.headers.get("cache-control") == "no-store", (
-        "6: the answer holds a token: Cache-Control: no-store (Depends(no_store), as in 1.3)"
-    )
 
 
 def hashing_waits_for(monkeypatch, step):
@@ -1471,12 +1002,12 @@ def test_6_two_password_changes_at_once_with_one_token_one_wins(client, db, monk
     both_hashing = threading.Barrier(2, timeout=10)
     hashing_waits_for(monkeypatch, both_hashing.wait)
 
-    def change(new_password):
-        body = {"old_password": "correct horse", "new_password": new_password}
-        return client.post("/password", json=body, headers=bearer(token))
-
     with ThreadPoolExecutor(max_workers=2) as pool:
-        answers = list(pool.map(change, ["battery staple", "tr0ub4dor&3"]))
+        answers = list(
+            pool.map(
+                lambda new: change_password(client, token, new), ["battery staple", "tr0ub4dor&3"]
+            )
+        )
     codes = sorted(answer.status_code for answer in answers)
     assert codes == [200, 401], (
         "6: of two changes with one token exactly one wins: update only WHERE token_version "
@@ -1498,8 +1029,7 @@ def test_6_a_change_overtaken_by_a_logout_changes_nothing(client, db, monkeypatc
     hashing_waits_for(
         monkeypatch, lambda: logged_out.append(client.post("/logout", headers=bearer(token)))
     )
-    change = {"old_password": "correct horse", "new_password": "battery staple"}
-    response = client.post("/password", json=change, headers=bearer(token))
+    response = change_password(client, token)
     assert [answer.status_code for answer in logged_out] == [204]
     expect_401(response, "Token revoked.", "6: a logout answered 204 while the change hashed")
     assert rows(db, "SELECT password FROM users") == [before], "6: the password stays"
@@ -1509,11 +1039,10 @@ def test_6_a_change_overtaken_by_a_logout_changes_nothing(client, db, monkeypatc
 def test_6_password_change_hashes_off_the_event_loop(client, monkeypatch):
     token = register(client)
     verified, hashed = loops_during(monkeypatch, "verify"), loops_during(monkeypatch, "hash")
-    change = {"old_password": "correct horse", "new_password": "battery staple"}
-    expect(client.post("/password", json=change, headers=bearer(token)), 200, "6")
+    expect(change_password(client, token), 200, "6")
     assert verified == [None] and hashed == [None], (
-        "6: check the old password and hash the new one in a thread (run_hashing); "
-        f"seen {verified} and {hashed}"
+        "6: check the old password and hash the new one in a thread (run_in_threadpool, "
+        f"as in 1.3); seen {verified} and {hashed}"
     )
 
 
@@ -1530,222 +1059,18 @@ def test_6_logout_command_names_an_unknown_email(app_dir, monkeypatch):
         run_command(app_dir, monkeypatch, "logout", "nobody@example.com")
 
 
-def test_6_a_database_from_before_6_is_refused_at_startup(app_dir, db, capsys):
-    run_sql(db, PART_3_USERS.format(more=", role VARCHAR(11) NOT NULL DEFAULT 'user'"))
-    refusal = startup_refusal(load_app(app_dir), capsys)
-    assert refusal and "token_version" in refusal and "Appendix H" in refusal, (
-        "6: on a users table without token_version, stop at startup with a message that "
-        f"names the column and Appendix H; got {refusal!r}"
-    )
-
-
 def test_6_openapi_lists_both_routes(client):
     paths = client.get("/openapi.json").json()["paths"]
     logout, password = paths.get("/logout", {}).get("post"), paths.get("/password", {}).get("post")
     assert logout and password, "6: add POST /logout and POST /password"
-    assert logout["tags"] == password["tags"] == ["6 · Going further"]
-    assert set(logout["responses"]) == {"204", "401"}
-    assert {"200", "400", "401", "422", "503"} <= set(password["responses"])
+    for name, operation in (("/logout", logout), ("/password", password)):
+        assert operation.get("security") == [{"CustomHTTPBearer": []}], (
+            f"6: {name} needs a token: dependencies=[Depends(oauth2_scheme)]"
+        )
+    assert "204" in logout["responses"], "6: a logout answers 204 No Content"
     assert password["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/TokenOut"
-    }
-
-
-# --- 8 Refresh tokens --------------------------------------------------------------------
-
-
-def log_in_for_a_pair(client, password="correct horse"):
-    response = client.post("/login", json={"email": "ada@example.com", "password": password})
-    expect(response, 200, "8 login")
-    assert list(response.json()) == ["token", "refresh_token"], (
-        f"8: login answers a token and a refresh_token, got {list(response.json())}"
-    )
-    return response.json()
-
-
-def refresh(client, refresh_token):
-    return client.post("/refresh", json={"refresh_token": refresh_token})
-
-
-def refresh_rows(db):
-    return rows(db, "SELECT * FROM refresh_tokens ORDER BY id")
-
-
-def reflected(db, table):
-    return sqlalchemy.Table(table, sqlalchemy.MetaData(), autoload_with=db)
-
-
-def test_8_refresh_gives_a_new_pair_and_spends_the_old_token(client):
-    register(client)
-    pair = log_in_for_a_pair(client)
-    response = refresh(client, pair["refresh_token"])
-    expect(response, 200, "8")
-    new = response.json()
-    assert list(new) == ["token", "refresh_token"], f"8: answer a new pair, got {list(new)}"
-    assert new["refresh_token"] != pair["refresh_token"], "8: every refresh makes a new token"
-    assert response.headers.get("cache-control") == "no-store", "8: Depends(no_store), as in 1.3"
-    expect(client.get("/clothes/", headers=bearer(new["token"])), 200, "8: the new access token")
-    expect(refresh(client, new["refresh_token"]), 200, "8: the new refresh token works once")
-
-
-def test_8_register_and_password_change_give_a_pair_too(client):
-    answer = client.post("/register", json=BODY).json()
-    expect(refresh(client, answer["refresh_token"]), 200, "8: register's refresh token")
-    change = {"old_password": "correct horse", "new_password": "battery staple"}
-    response = client.post(
-        "/password", json=change, headers=bearer(log_in_for_a_pair(client)["token"])
-    )
-    expect(response, 200, "8")
-    expect(refresh(client, response.json()["refresh_token"]), 200, "8: the new password's pair")
-
-
-def test_8_the_database_keeps_only_a_sha256_of_each_token(client, db, database_url):
-    register(client)
-    pair = log_in_for_a_pair(client)
-    stored = [row for row in refresh_rows(db) if pair["refresh_token"] not in str(dict(row))]
-    assert len(stored) == len(refresh_rows(db)), "8: never store the refresh token itself"
-    hashes = {row["token_hash"] for row in stored}
-    assert hashlib.sha256(pair["refresh_token"].encode()).hexdigest() in hashes, (
-        "8: store hashlib.sha256(token).hexdigest()"
-    )
-    assert len(pair["refresh_token"]) >= 43, "8: at least 32 random bytes (secrets.token_urlsafe)"
-    if database_url.startswith("sqlite"):
-        # The database file, and its write-ahead log beside it (WAL mode).
-        database_file = Path(database_url.removeprefix("sqlite:///"))
-        files = list(database_file.parent.glob(database_file.name + "*"))
-        assert len(files) >= 2, f"8: expected the database and its WAL file, found {files}"
-        for file in files:
-            assert pair["refresh_token"].encode() not in file.read_bytes(), f"8: not in {file}"
-
-
-def test_8_a_spent_token_that_comes_back_ends_its_family(client, db, caplog):
-    register(client)
-    other_device = log_in_for_a_pair(client)
-    first = log_in_for_a_pair(client)
-    second = refresh(client, first["refresh_token"]).json()
-    # Whoever copied `first` tries it now: thief or owner, the family ends.
-    again = refresh(client, first["refresh_token"])
-    expect_401(again, "Refresh token already used: log in again.", "8")
-    expect_401(refresh(client, second["refresh_token"]), "Refresh token revoked.", "8")
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "family" in warnings[0], f"8: log one warning, got {warnings}"
-    assert first["refresh_token"] not in warnings[0], "8: never log the token"
-    expect(refresh(client, other_device["refresh_token"]), 200, "8: other logins go on")
-
-
-def test_8_a_successor_stored_as_its_family_ended_is_refused(client, db):
-    # On PostgreSQL a refresh in flight can store its successor just after the UPDATE that
-    # ended the family has looked: that row is not marked, and must be refused all the same.
-    register(client)
-    first = log_in_for_a_pair(client)
-    second = refresh(client, first["refresh_token"]).json()
-    expect(refresh(client, first["refresh_token"]), 401, "8: the reuse")
-    run_sql(db, "UPDATE refresh_tokens SET family_ended_at = NULL WHERE spent_at IS NULL")
-    expect_401(refresh(client, second["refresh_token"]), "Refresh token revoked.", "8")
-
-
-def test_8_refreshes_at_once_with_one_token_one_wins(client):
-    register(client)
-    pair = log_in_for_a_pair(client)
-    with ThreadPoolExecutor(max_workers=10) as pool:
-        answers = list(pool.map(lambda _: refresh(client, pair["refresh_token"]), range(10)))
-    codes = sorted(answer.status_code for answer in answers)
-    assert codes == [200] + [401] * 9, (
-        "8: spend the token in one conditional UPDATE (WHERE spent_at IS NULL ... RETURNING), "
-        f"so that of ten refreshes at once exactly one wins; got {codes}"
-    )
-
-
-@pytest.mark.parametrize("how", ["logout", "password", "command"])
-def test_8_logging_out_ends_every_refresh_token(app_dir, db, monkeypatch, how):
-    with TestClient(load_app(app_dir).app) as client:
-        register(client)
-        phone = log_in_for_a_pair(client)
-        laptop = refresh(client, log_in_for_a_pair(client)["refresh_token"]).json()
-        if how == "logout":
-            expect(client.post("/logout", headers=bearer(phone["token"])), 204, "8")
-        elif how == "password":
-            change = {"old_password": "correct horse", "new_password": "battery staple"}
-            response = client.post("/password", json=change, headers=bearer(phone["token"]))
-            expect(response, 200, "8")
-        else:
-            run_command(app_dir, monkeypatch, "logout", "ada@example.com")
-        for device in (phone, laptop):
-            expect_401(refresh(client, device["refresh_token"]), "Refresh token revoked.", "8")
-            expect_401(
-                client.get("/clothes/", headers=bearer(device["token"])), "Token revoked.", "8"
-            )
-
-
-@pytest.mark.parametrize("column", ["expires_at", "family_expires_at"])
-def test_8_an_expired_refresh_token_is_refused(client, db, column):
-    register(client)
-    pair = log_in_for_a_pair(client)
-    table = reflected(db, "refresh_tokens")
-    with db.begin() as connection:
-        past = datetime.now(timezone.utc) - timedelta(minutes=1)
-        connection.execute(table.update().values({column: past}))
-    expect_401(refresh(client, pair["refresh_token"]), "Refresh token expired: log in again.", "8")
-
-
-def test_8_rotation_cannot_outlive_the_session(client, db):
-    register(client)
-    token = log_in_for_a_pair(client)["refresh_token"]
-    for _ in range(3):
-        token = refresh(client, token).json()["refresh_token"]
-    family = {(row["family"], row["family_expires_at"]) for row in refresh_rows(db)[-4:]}
-    assert len(family) == 1, "8: a refreshed token keeps its family and the family's expiry"
-
-
-def test_8_expired_sessions_are_purged(client, db):
-    register(client)
-    log_in_for_a_pair(client)
-    table = reflected(db, "refresh_tokens")
-    with db.begin() as connection:
-        past = datetime.now(timezone.utc) - timedelta(days=1)
-        connection.execute(table.update().values(family_expires_at=past))
-    before = len(refresh_rows(db))
-    log_in_for_a_pair(client)
-    assert before == 2 and len(refresh_rows(db)) == 1, "8: each new session deletes expired ones"
-
-
-def test_8_an_unknown_refresh_token_is_refused(client):
-    register(client)
-    pair = log_in_for_a_pair(client)
-    for case, sent in {
-        "garbage": "not-a-token",
-        "unknown": "x" * 43,
-        "access": pair["token"],
-    }.items():
-        expect_401(refresh(client, sent), "Invalid refresh token.", f"8 ({case})")
-
-
-def test_8_a_refresh_token_that_is_not_text_is_422(client):
-    body = b'{"refresh_token": "' + b"\\ud800" * 43 + b'"}'
-    response = client.post("/refresh", content=body, headers={"Content-Type": "application/json"})
-    expect(response, 422, "8: half a UTF-16 pair cannot be hashed: RefreshIn takes PlainText")
-
-
-def test_8_a_deleted_users_refresh_token_is_refused(client, db):
-    register(client)
-    pair = log_in_for_a_pair(client)
-    run_sql(db, "DELETE FROM users")
-    expect_401(refresh(client, pair["refresh_token"]), "Invalid refresh token.", "8")
-
-
-def test_8_a_refresh_token_is_no_bearer_token(client):
-    register(client)
-    pair = log_in_for_a_pair(client)
-    response = client.get("/clothes/", headers=bearer(pair["refresh_token"]))
-    expect_401(response, "Invalid token.", "8")
-
-
-def test_8_openapi_lists_refresh_without_a_bearer(client):
-    operation = client.get("/openapi.json").json()["paths"].get("/refresh", {}).get("post")
-    assert operation, "8: add POST /refresh"
-    assert operation["tags"] == ["8 · Going further"]
-    assert {"200", "400", "401", "422"} <= set(operation["responses"])
-    assert "security" not in operation, "8: /refresh takes the refresh token in its body"
+    }, "6: /password answers a TokenOut (response_model=TokenOut)"
 
 
 # --- 7 Slow down password guessing ---------------------------------------------------------
@@ -1753,6 +1078,10 @@ def test_8_openapi_lists_refresh_without_a_bearer(client):
 
 WRONG = {"email": "ada@example.com", "password": "wrong horse"}
 RIGHT = {"email": "ada@example.com", "password": "correct horse"}
+
+
+def reflected(db, table):
+    return sqlalchemy.Table(table, sqlalchemy.MetaData(), autoload_with=db)
 
 
 def hashes_counted(monkeypatch):
@@ -1817,38 +1146,6 @@ def test_7_guesses_sent_at_once_all_count(client, db):
     assert len(rows(db, "SELECT id FROM failed_logins")) == codes.count(401), (
         "7: each checked guess leaves one row, each refused one none"
     )
-
-
-def test_7_a_login_turned_away_by_a_busy_server_is_not_counted(app_dir, db, monkeypatch):
-    module = load_app(app_dir)
-    with TestClient(module.app) as client:
-        register(client)
-        monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 0)  # the line is full
-        for _ in range(6):
-            expect(client.post("/login", json=RIGHT), 503, "7")
-        assert rows(db, "SELECT id FROM failed_logins") == [], (
-            "7: refuse what run_hashing would refuse before claim_attempt writes it down"
-        )
-        monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 10)
-        expect(client.post("/login", json=RIGHT), 200, "7: six 503s are no six failures")
-
-
-def test_7_under_a_flood_failing_addresses_get_half_the_line(app_dir, db, monkeypatch):
-    module = load_app(app_dir)
-    with TestClient(module.app) as client:
-        register(client)
-        monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 10)
-        monkeypatch.setattr(module, "BUSY_PAUSE_SECONDS", 0)  # no need to wait in a test
-        monkeypatch.setattr(module, "hashes_in_line", 5)  # half full, as under a flood
-        expect(client.post("/login", json=RIGHT), 200, "7: an address with no failures")
-        monkeypatch.setattr(module, "hashes_in_line", 0)
-        expect(client.post("/login", json=WRONG), 401, "7")  # now this address has failed
-        monkeypatch.setattr(module, "hashes_in_line", 5)
-        response = client.post("/login", json=RIGHT)
-        expect(response, 503, "7: an address that failed in the last hour waits for less")
-        assert response.headers.get("retry-after") == "2"
-        monkeypatch.setattr(module, "hashes_in_line", 4)
-        expect(client.post("/login", json=RIGHT), 200, "7: below half, everybody is served")
 
 
 def test_7_a_client_address_always_fits_its_column(app_dir):
@@ -1928,7 +1225,7 @@ def test_7_common_passwords_are_refused(client, db):
     for password in ["password", "12345678", " " * 8, "qwertyuiop"]:
         response = client.post("/register", json={**BODY, "password": password})
         section = f"7 ({password!r})"
-        expect(response, 422, f"{section}: refuse what zxcvbn scores below 2 (is_hard_to_guess)")
+        expect(response, 422, f"{section}: refuse what zxcvbn scores below 2 (is_easy_to_guess)")
         assert "too common or too easy to guess" in response.text, f"{section}: name the rule"
         assert [problem.get("input") for problem in response.json()["detail"]] == [None], (
             f"{section}: never repeat the refused password"
@@ -1936,7 +1233,16 @@ def test_7_common_passwords_are_refused(client, db):
         assert rows(db, "SELECT id FROM users") == [], f"{section}: store nothing"
 
 
-def test_7_zxcvbn_runs_in_the_hashing_line_on_32_characters(app_dir, monkeypatch):
+def test_7_a_common_password_is_refused_as_a_new_password(client, db):
+    token = register(client)
+    [before] = rows(db, "SELECT * FROM users")
+    response = change_password(client, token, "password1")
+    expect(response, 422, "7: /password checks the new password too (refuse_easy_password)")
+    assert "too common or too easy to guess" in response.text, "7: name the rule"
+    assert rows(db, "SELECT * FROM users") == [before], "7: nothing changes"
+
+
+def test_7_zxcvbn_runs_off_the_event_loop_on_32_characters(app_dir, monkeypatch):
     module = load_app(app_dir)
     seen = []
 
@@ -1947,40 +1253,983 @@ def test_7_zxcvbn_runs_in_the_hashing_line_on_32_characters(app_dir, monkeypatch
             seen.append((None, password))  # a worker thread: no event loop here
         return {"score": 4}
 
-    monkeypatch.setattr(module, "zxcvbn", recording_zxcvbn)
+    patch_app(monkeypatch, module, "zxcvbn", recording_zxcvbn)
     password = "4@8(<{[369!|17+05$%2" * 3  # zxcvbn's l33t matching takes a second on it
     with TestClient(module.app) as client:
         register(client, password=password)
     assert seen == [(None, password[:32])], (
-        "7: zxcvbn can take a second on some passwords: run it with run_hashing, off the event "
-        f"loop, on the first 32 characters; seen {seen}"
+        "7: zxcvbn can take a second on some passwords: run it in a thread, like a hash, "
+        f"on the first 32 characters; seen {seen}"
     )
 
 
-def test_7_common_passwords_are_refused_at_change_and_in_the_command(app_dir, db, monkeypatch):
+# --- 8 Refresh tokens --------------------------------------------------------------------
+
+
+def log_in_for_a_pair(client, password="correct horse"):
+    response = client.post("/login", json={"email": "ada@example.com", "password": password})
+    expect(response, 200, "8 login")
+    assert list(response.json()) == ["token", "refresh_token"], (
+        f"8: login answers a token and a refresh_token, got {list(response.json())}"
+    )
+    return response.json()
+
+
+def refresh(client, refresh_token):
+    return client.post("/refresh", json={"refresh_token": refresh_token})
+
+
+def refresh_rows(db):
+    return rows(db, "SELECT * FROM refresh_tokens ORDER BY id")
+
+
+def test_8_refresh_gives_a_new_pair_and_spends_the_old_token(client):
+    register(client)
+    pair = log_in_for_a_pair(client)
+    response = refresh(client, pair["refresh_token"])
+    expect(response, 200, "8")
+    new = response.json()
+    assert list(new) == ["token", "refresh_token"], f"8: answer a new pair, got {list(new)}"
+    assert new["refresh_token"] != pair["refresh_token"], "8: every refresh makes a new token"
+    expect(client.get("/clothes/", headers=bearer(new["token"])), 200, "8: the new access token")
+    expect(refresh(client, new["refresh_token"]), 200, "8: the new refresh token works once")
+
+
+def test_8_register_and_password_change_give_a_pair_too(client):
+    answer = client.post("/register", json=BODY).json()
+    expect(refresh(client, answer["refresh_token"]), 200, "8: register's refresh token")
+    response = change_password(client, log_in_for_a_pair(client)["token"])
+    expect(response, 200, "8")
+    expect(refresh(client, response.json()["refresh_token"]), 200, "8: the new password's pair")
+
+
+def test_8_the_database_keeps_only_a_sha256_of_each_token(client, db, database_url):
+    register(client)
+    pair = log_in_for_a_pair(client)
+    stored = [row for row in refresh_rows(db) if pair["refresh_token"] not in str(dict(row))]
+    assert len(stored) == len(refresh_rows(db)), "8: never store the refresh token itself"
+    hashes = {row["token_hash"] for row in stored}
+    assert hashlib.sha256(pair["refresh_token"].encode()).hexdigest() in hashes, (
+        "8: store hashlib.sha256(token).hexdigest()"
+    )
+    assert len(pair["refresh_token"]) >= 43, "8: at least 32 random bytes (secrets.token_urlsafe)"
+    if database_url.startswith("sqlite"):
+        # The database file, and whatever SQLite keeps beside it (its WAL file, from 13).
+        database_file = Path(database_url.removeprefix("sqlite:///"))
+        for file in database_file.parent.glob(database_file.name + "*"):
+            assert pair["refresh_token"].encode() not in file.read_bytes(), f"8: not in {file}"
+
+
+def test_8_a_spent_token_that_comes_back_ends_its_family(client, db, caplog):
+    register(client)
+    other_device = log_in_for_a_pair(client)
+    first = log_in_for_a_pair(client)
+    second = refresh(client, first["refresh_token"]).json()
+    # Whoever copied `first` tries it now: thief or owner, the family ends.
+    again = refresh(client, first["refresh_token"])
+    expect_401(again, "Refresh token already used: log in again.", "8")
+    expect_401(refresh(client, second["refresh_token"]), "Refresh token revoked.", "8")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "family" in warnings[0], f"8: log one warning, got {warnings}"
+    assert first["refresh_token"] not in warnings[0], "8: never log the token"
+    expect(refresh(client, other_device["refresh_token"]), 200, "8: other logins go on")
+
+
+def test_8_a_successor_stored_as_its_family_ended_is_refused(client, db):
+    # On PostgreSQL a refresh in flight can store its successor just after the UPDATE that
+    # ended the family has looked: that row is not marked, and must be refused all the same.
+    register(client)
+    first = log_in_for_a_pair(client)
+    second = refresh(client, first["refresh_token"]).json()
+    expect(refresh(client, first["refresh_token"]), 401, "8: the reuse")
+    run_sql(db, "UPDATE refresh_tokens SET family_ended_at = NULL WHERE spent_at IS NULL")
+    expect_401(refresh(client, second["refresh_token"]), "Refresh token revoked.", "8")
+
+
+def test_8_refreshes_at_once_with_one_token_one_wins(client):
+    register(client)
+    pair = log_in_for_a_pair(client)
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        answers = list(pool.map(lambda _: refresh(client, pair["refresh_token"]), range(10)))
+    codes = sorted(answer.status_code for answer in answers)
+    assert codes == [200] + [401] * 9, (
+        "8: spend the token in one conditional UPDATE (WHERE spent_at IS NULL ... RETURNING), "
+        f"so that of ten refreshes at once exactly one wins; got {codes}"
+    )
+
+
+@pytest.mark.parametrize("how", ["logout", "password", "command"])
+def test_8_logging_out_ends_every_refresh_token(app_dir, db, monkeypatch, how):
+    with TestClient(load_app(app_dir).app) as client:
+        register(client)
+        phone = log_in_for_a_pair(client)
+        laptop = refresh(client, log_in_for_a_pair(client)["refresh_token"]).json()
+        if how == "logout":
+            expect(client.post("/logout", headers=bearer(phone["token"])), 204, "8")
+        elif how == "password":
+            expect(change_password(client, phone["token"]), 200, "8")
+        else:
+            run_command(app_dir, monkeypatch, "logout", "ada@example.com")
+        for device in (phone, laptop):
+            expect_401(refresh(client, device["refresh_token"]), "Refresh token revoked.", "8")
+            expect_401(
+                client.get("/clothes/", headers=bearer(device["token"])), "Token revoked.", "8"
+            )
+
+
+@pytest.mark.parametrize("column", ["expires_at", "family_expires_at"])
+def test_8_an_expired_refresh_token_is_refused(client, db, column):
+    register(client)
+    pair = log_in_for_a_pair(client)
+    table = reflected(db, "refresh_tokens")
+    with db.begin() as connection:
+        past = datetime.now(timezone.utc) - timedelta(minutes=1)
+        connection.execute(table.update().values({column: past}))
+    expect_401(refresh(client, pair["refresh_token"]), "Refresh token expired: log in again.", "8")
+
+
+def test_8_rotation_cannot_outlive_the_session(client, db):
+    register(client)
+    token = log_in_for_a_pair(client)["refresh_token"]
+    for _ in range(3):
+        token = refresh(client, token).json()["refresh_token"]
+    family = {(row["family"], row["family_expires_at"]) for row in refresh_rows(db)[-4:]}
+    assert len(family) == 1, "8: a refreshed token keeps its family and the family's expiry"
+
+
+def test_8_expired_sessions_are_purged(client, db):
+    register(client)
+    log_in_for_a_pair(client)
+    table = reflected(db, "refresh_tokens")
+    with db.begin() as connection:
+        past = datetime.now(timezone.utc) - timedelta(days=1)
+        connection.execute(table.update().values(family_expires_at=past))
+    before = len(refresh_rows(db))
+    log_in_for_a_pair(client)
+    assert before == 2 and len(refresh_rows(db)) == 1, "8: each new session deletes expired ones"
+
+
+def test_8_an_unknown_refresh_token_is_refused(client):
+    register(client)
+    pair = log_in_for_a_pair(client)
+    for case, sent in {
+        "garbage": "not-a-token",
+        "unknown": "x" * 43,
+        "access": pair["token"],
+    }.items():
+        expect_401(refresh(client, sent), "Invalid refresh token.", f"8 ({case})")
+
+
+def test_8_a_deleted_users_refresh_token_is_refused(client, db):
+    register(client)
+    pair = log_in_for_a_pair(client)
+    run_sql(db, "DELETE FROM users")
+    expect_401(refresh(client, pair["refresh_token"]), "Invalid refresh token.", "8")
+
+
+def test_8_a_refresh_token_is_no_bearer_token(client):
+    register(client)
+    pair = log_in_for_a_pair(client)
+    response = client.get("/clothes/", headers=bearer(pair["refresh_token"]))
+    expect_401(response, "Invalid token.", "8")
+
+
+def test_8_openapi_lists_refresh_without_a_bearer(client):
+    operation = client.get("/openapi.json").json()["paths"].get("/refresh", {}).get("post")
+    assert operation, "8: add POST /refresh"
+    assert "security" not in operation, "8: /refresh takes the refresh token in its body"
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TokenOut"
+    }, "8: /refresh answers a TokenOut (response_model=TokenOut)"
+
+
+# --- 9 Input that crashes the app ----------------------------------------------------------
+
+# Passwords that bcrypt refuses with an error, a 500 if they reach it: more than 72 bytes
+# (66 characters, 78 bytes: Field(max_length=72) counts characters) and a NUL character.
+# Both are hard to guess, so that zxcvbn (7) lets them through to bcrypt.
+BCRYPT_REFUSES = {
+    "78-byte": "Grüße über Öl und Äpfel, später! " * 2,
+    "nul": "correct\x00horse battery",
+}
+
+
+def test_9_a_password_bcrypt_refuses_is_422_at_register(client, db):
+    changes = {case: {"password": password} for case, password in BCRYPT_REFUSES.items()}
+    expect_422_and_no_user(client, db, changes, "9: check Password with fits_bcrypt")
+
+
+def test_9_a_password_bcrypt_refuses_is_422_at_login(client):
+    register(client)
+    for case, password in BCRYPT_REFUSES.items():
+        response = client.post("/login", json={"email": "ada@example.com", "password": password})
+        expect(response, 422, f"9 ({case}): check Password with fits_bcrypt")
+
+
+def test_9_a_password_bcrypt_refuses_is_422_as_a_new_password(client, db):
+    token = register(client)
+    [before] = rows(db, "SELECT * FROM users")
+    for case, new_password in BCRYPT_REFUSES.items():
+        response = change_password(client, token, new_password)
+        expect(response, 422, f"9 ({case}): check NewPassword with fits_bcrypt")
+        assert rows(db, "SELECT * FROM users") == [before], f"9 ({case}): nothing changes"
+
+
+INVALID_TEXT = {
+    "nul-name": {"full_name": "Ada\x00Lovelace"},  # PostgreSQL refuses NUL: a 500 there
+    "nul-phone": {"phone": "+359\x00888"},
+    "newline-name": {"full_name": "Ada\nLovelace"},  # no control characters in a name
+    "tab-phone": {"phone": "+359\t888"},
+}
+
+
+def test_9_names_and_phones_are_plain_text(client, db):
+    expect_422_and_no_user(client, db, INVALID_TEXT, "9: full_name and phone are PlainText")
+
+
+INVALID_CLOTHES_TEXT = {
+    "nul-name": {"name": "Linen\x00shirt"},  # PostgreSQL refuses NUL: a 500 there
+    "newline-name": {"name": "Linen\nshirt"},
+}
+
+
+def test_9_clothes_names_are_plain_text(client, db):
+    expect_422_and_no_clothes(client, db, INVALID_CLOTHES_TEXT, "9: ClothesIn's name is PlainText")
+
+
+def test_9_rows_from_before_the_rules_still_list(client, db):
+    # The new rules check what comes in; rows already stored must still be listed.
+    token = register(client)
+    run_sql(
+        db,
+        "INSERT INTO clothes (name, color, size, photo_url) "
+        "VALUES ('Old\tscarf', 'pink', 'xl', 'https://example.com/scarf.jpg')",
+    )
+    response = client.get("/clothes/", headers=bearer(token))
+    expect(response, 200, "9: put the new rules on ClothesIn, not on ClothesBase")
+    assert response.json()[0]["name"] == "Old\tscarf"
+
+
+def test_9_half_a_utf16_pair_is_422(client, db):
+    # JSON may carry "\ud800" (json.dumps writes it so): no database can store it, and a
+    # refresh token holding it cannot be hashed.
+    changes = {
+        "surrogate-name": {"full_name": "Ada \ud800"},
+        "surrogate-phone": {"phone": "\ud800"},
+    }
+    expect_422_and_no_user(client, db, changes, "9: full_name and phone are PlainText")
+    body = json.dumps({"refresh_token": "\ud800" * 43})
+    response = client.post("/refresh", content=body, headers=JSON_HEADERS)
+    expect(response, 422, "9: RefreshIn's refresh_token is PlainText")
+    changes = {"surrogate-name": {"name": "Linen \ud800"}}
+    expect_422_and_no_clothes(client, db, changes, "9: ClothesIn's name is PlainText")
+
+
+SUBS_THAT_ARE_NO_USER_ID = {
+    "text": "abc",
+    "sql": "1 OR 1=1",
+    "leading-zero": "01",
+    "40-digits": "9" * 40,  # too large for SQLite's INTEGER: a 500 there
+    # Beyond PostgreSQL's INTEGER (2**31 - 1): a 500 there if it reached the query.
+    "past-int32": "2147483648",
+    "11-digits": "99999999999",
+}
+
+
+def test_9_a_sub_that_is_no_user_id_is_401_invalid_token(probe):
+    register(probe)  # user 1 exists, so only the token can be at fault
+    for case, sub in SUBS_THAT_ARE_NO_USER_ID.items():
+        token = make_token({"sub": sub, "exp": in_one_hour(), "ver": 0})
+        response = probe.get("/checkpoint/me", headers=bearer(token))
+        expect_401(response, "Invalid token.", f"9 ({case}): check sub with is_user_id")
+
+
+def test_9_two_authorization_headers_are_refused(probe):
+    # Which of two headers counts depends on who reads them: accept neither.
+    token = register(probe)
+    for headers in (
+        [("Authorization", f"Bearer {token}"), ("Authorization", "Bearer junk")],
+        [("Authorization", "Bearer junk"), ("Authorization", f"Bearer {token}")],
+    ):
+        response = probe.get("/checkpoint/me", headers=headers)
+        expect_401(response, "Send one Authorization header.", "9")
+
+
+# --- 10 A password in an error message ----------------------------------------------------
+
+
+def refused_password(client, route, token=None):
+    """A password each route refuses with 422, and the answer; it never comes back."""
+    password = "never-show-me-" * 6  # 84 characters: too long for every route
+    bodies = {
+        "/register": {**BODY, "password": password},
+        "/login": {"email": "ada@example.com", "password": password},
+        "/password": {"old_password": "correct horse", "new_password": password},
+    }
+    headers = bearer(token) if token else {}
+    return password, client.post(route, json=bodies[route], headers=headers)
+
+
+@pytest.mark.parametrize("route", ["/register", "/login", "/password"])
+def test_10_a_422_does_not_repeat_the_password(client, route):
+    token = register(client) if route == "/password" else None
+    password, response = refused_password(client, route, token)
+    expect(response, 422, "10")
+    assert "never-show-me" not in response.text, (
+        f"10: a 422 must not repeat the password it refused: {response.text[:300]}"
+    )
+    assert all("input" not in problem for problem in response.json()["detail"]), (
+        "10: drop each problem's input (the RequestValidationError handler)"
+    )
+
+
+def test_10_a_422_still_says_what_is_wrong(client):
+    response = client.post("/register", json={**BODY, "email": "not-an-email"})
+    expect(response, 422, "10")
+    [problem] = response.json()["detail"]
+    assert problem["loc"] == ["body", "email"] and problem["msg"], (
+        f"10: keep loc and msg, drop input only; got {problem}"
+    )
+
+
+def test_10_answers_with_a_token_are_never_cached(client):
+    answers = {"/register": client.post("/register", json=BODY)}
+    answers["/login"] = client.post("/login", json=RIGHT)
+    token = answers["/login"].json()["token"]
+    answers["/password"] = change_password(client, token)
+    answers["/refresh"] = refresh(client, answers["/password"].json()["refresh_token"])
+    for route, response in answers.items():
+        expect(response, 201 if route == "/register" else 200, "10")
+        assert response.headers.get("cache-control") == "no-store", (
+            f"10: {route} answers a token: say Cache-Control: no-store (RFC 6749, 5.1) "
+            "with Depends(no_store)"
+        )
+
+
+# --- 11 Look-alikes --------------------------------------------------------------------------
+
+
+def test_11_one_account_per_email_whatever_its_letter_case(client, db):
+    register(client, email="Ada@Example.com")
+    assert [row["email"] for row in rows(db, "SELECT email FROM users")] == ["ada@example.com"], (
+        "11: store the email lowercased (AfterValidator(str.lower) in Email)"
+    )
+    response = client.post("/register", json={**BODY, "email": "ADA@example.com"})
+    expect(response, 409, "11: the same email in capitals")
+    assert len(rows(db, "SELECT id FROM users")) == 1, "11: one email, one account"
+
+
+def test_11_login_ignores_the_letter_case_of_the_email(client, db):
+    register(client)
+    response = client.post("/login", json={"email": "ADA@Example.com", "password": "correct horse"})
+    expect(response, 200, "11: log in with the email in capitals (the Email type)")
+    payload = jwt.decode(response.json()["token"], SECRET, algorithms=["HS256"])
+    assert payload["sub"] == str(user_id(db, "ada@example.com"))
+
+
+def test_11_an_email_longer_than_its_column_once_lowercased_is_422(client, db):
+    # 120 characters, 152 once lowercased: "İ" becomes two.
+    email = "İ" * 32 + "@" + "d" * 40 + "." + "e" * 42 + ".com"
+    changes = {"email-growing-past-120": {"email": email}}
+    expect_422_and_no_user(client, db, changes, "11: check the length after str.lower")
+
+
+NOT_WEB_ADDRESSES = {
+    "javascript-url": {"photo_url": "javascript:alert(1)"},  # shown to every user, maybe as a link
+    "data-url": {"photo_url": "data:text/html,<script>alert(1)</script>"},
+    "ftp-url": {"photo_url": "ftp://example.com/shirt.jpg"},
+    "no-scheme": {"photo_url": "example.com/shirt.jpg"},
+    "no-host": {"photo_url": "https://"},
+    "nul-url": {"photo_url": "https://example.com/\x00.jpg"},
+}
+
+
+def test_11_photo_url_must_be_a_web_address(client, db):
+    expect_422_and_no_clothes(
+        client, db, NOT_WEB_ADDRESSES, "11: check photo_url with is_web_address"
+    )
+
+
+def test_11_http_and_https_photos_are_accepted(client, db):
+    token = admin_token(client, db)
+    for url in ("http://example.com/a.jpg", "HTTPS://EXAMPLE.COM/B.JPG"):
+        response = client.post("/clothes/", json={**SHIRT, "photo_url": url}, headers=bearer(token))
+        expect(response, 201, "11: an http or https photo URL")
+        assert response.json()["photo_url"] == url, "11: store the URL as it was sent"
+
+
+def test_11_rows_from_before_the_rules_still_list(client, db):
+    token = register(client)
+    run_sql(
+        db,
+        "INSERT INTO clothes (name, color, size, photo_url) VALUES ('Scarf', 'pink', 'xl', 'u')",
+    )
+    response = client.get("/clothes/", headers=bearer(token))
+    expect(response, 200, "11: check photo_url on ClothesIn, not on ClothesBase")
+    assert response.json()[0]["photo_url"] == "u"
+
+
+def test_11_commands_take_an_email_in_any_letter_case(app_dir, db, monkeypatch, capsys):
     with TestClient(load_app(app_dir).app) as client:
         token = register(client)
-        change = {"old_password": "correct horse", "new_password": "password1"}
-        expect(client.post("/password", json=change, headers=bearer(token)), 422, "7")
-    with pytest.raises(SystemExit, match="too common"):
-        run_command(app_dir, monkeypatch, "create-user", "boss@example.com", password="iloveyou")
+        run_command(app_dir, monkeypatch, "set-role", "ADA@EXAMPLE.COM", "admin")
+        assert rows(db, "SELECT role FROM users")[0]["role"] == "admin", (
+            "11: set-role finds the user whatever the letter case (type=email_address)"
+        )
+        run_command(app_dir, monkeypatch, "logout", "Ada@Example.com")
+        expect_401(
+            client.get("/clothes/", headers=bearer(token)),
+            "Token revoked.",
+            "11: logout finds the user whatever the letter case (type=email_address)",
+        )
+
+
+def test_11_commands_normalise_an_email_as_the_api_does(app_dir, db, monkeypatch, capsys):
+    with TestClient(load_app(app_dir).app) as client:
+        register(client)
+    run_command(app_dir, monkeypatch, "set-role", "ada@ＥＸＡＭＰＬＥ.com", "admin")
+    assert rows(db, "SELECT role FROM users")[0]["role"] == "admin", (
+        "11: set-role reads the email with the API's rules (email_address)"
+    )
+    with pytest.raises(SystemExit):
+        run_command(app_dir, monkeypatch, "set-role", "not an email", "admin")
+    assert "not a valid email address" in capsys.readouterr().err, (
+        "11: email_address refuses what is not an email (argparse.ArgumentTypeError)"
+    )
+
+
+# --- 12 A flood ------------------------------------------------------------------------------
+
+
+def test_12_a_full_hashing_line_is_503_at_once(app_dir, monkeypatch):
+    module = load_app(app_dir)
+    patch_app(monkeypatch, module, "MAX_HASHES_IN_LINE", 1)
+    hashing, release = threading.Event(), threading.Event()
+    real_hash = CryptContext.hash
+
+    def slow_hash(self, secret, **kwargs):
+        hashing.set()
+        release.wait(timeout=10)
+        return real_hash(self, secret, **kwargs)
+
+    monkeypatch.setattr(CryptContext, "hash", slow_hash)
+    with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(client.post, "/register", json=BODY)
+        assert hashing.wait(timeout=10), "12: the first registration never started its hash"
+        busy = client.post("/register", json={**BODY, "email": "bob@example.com"})
+        release.set()
+        expect(first.result(timeout=10), 201, "12: the first in line is served")
+    expect(busy, 503, "12: past MAX_HASHES_IN_LINE, answer 503 at once (run_hashing)")
+    assert busy.headers.get("retry-after") == "2", "12: say when to come back: Retry-After"
+
+
+class HungUp:
+    """A request whose client has gone: what run_hashing sees after a hang-up."""
+
+    async def is_disconnected(self):
+        return True
+
+
+def test_12_a_client_that_hung_up_costs_no_hash(app_dir):
+    module = load_app(app_dir)
+    hashed = []
+    with pytest.raises(module.HTTPException) as refused:
+        asyncio.run(module.run_hashing(HungUp(), hashed.append, "a password"))
+    assert hashed == [], "12: run_hashing checks request.is_disconnected() just before the hash"
+    assert refused.value.status_code == 499
+
+
+def test_12_a_login_turned_away_by_a_busy_server_is_not_counted(app_dir, db, monkeypatch):
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        register(client)
+        patch_app(monkeypatch, module, "MAX_HASHES_IN_LINE", 0)  # the line is full
+        for _ in range(6):
+            expect(client.post("/login", json=RIGHT), 503, "12")
+        assert rows(db, "SELECT id FROM failed_logins") == [], (
+            "12: refuse what run_hashing would refuse before claim_attempt writes it down"
+        )
+        monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 10)
+        expect(client.post("/login", json=RIGHT), 200, "12: six 503s are no six failures")
+
+
+def test_12_under_a_flood_failing_addresses_get_half_the_line(app_dir, db, monkeypatch):
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        register(client)
+        patch_app(monkeypatch, module, "MAX_HASHES_IN_LINE", 10)
+        patch_app(monkeypatch, module, "BUSY_PAUSE_SECONDS", 0)  # no need to wait in a test
+        patch_app(monkeypatch, module, "hashes_in_line", 5)  # half full, as under a flood
+        expect(client.post("/login", json=RIGHT), 200, "12: an address with no failures")
+        monkeypatch.setattr(module, "hashes_in_line", 0)
+        expect(client.post("/login", json=WRONG), 401, "12")  # now this address has failed
+        monkeypatch.setattr(module, "hashes_in_line", 5)
+        response = client.post("/login", json=RIGHT)
+        expect(response, 503, "12: an address that failed in the last hour waits for less")
+        assert response.headers.get("retry-after") == "2"
+        monkeypatch.setattr(module, "hashes_in_line", 4)
+        expect(client.post("/login", json=RIGHT), 200, "12: below half, everybody is served")
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    """Count the connections the app takes from the database driver and gives back:
+    aiosqlite opens a new one each time, asyncpg lends one from its pool."""
+    count = {"taken": 0, "given back": 0}
+
+    def counting(function, key):
+        def counted(*args, **kwargs):
+            count[key] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(aiosqlite, "connect", counting(aiosqlite.connect, "taken"))
+    close = counting(aiosqlite.Connection.close, "given back")
+    monkeypatch.setattr(aiosqlite.Connection, "close", close)
+    monkeypatch.setattr(asyncpg.Pool, "acquire", counting(asyncpg.Pool.acquire, "taken"))
+    monkeypatch.setattr(asyncpg.Pool, "release", counting(asyncpg.Pool.release, "given back"))
+    return count
+
+
+def with_test_routes(module):
+    """The app, with two routes of the tests' own behind oauth2_scheme."""
+
+    @module.app.get("/checkpoint/query", dependencies=[Depends(module.oauth2_scheme)])
+    async def one_more_query():
+        return await module.database.fetch_val("SELECT 1")
+
+    @module.app.get("/checkpoint/crash", dependencies=[Depends(module.oauth2_scheme)])
+    async def crash():
+        raise RuntimeError("a bug in a route: a 500")
+
+    return module.app
+
+
+def test_12_the_token_check_and_the_route_share_one_connection(app_dir, connections):
+    with TestClient(with_test_routes(load_app(app_dir))) as client:
+        token = register(client)
+        for headers, status_code in [(bearer(token), 200), (bearer("not-a-jwt"), 401)]:
+            taken = connections["taken"]
+            expect(client.get("/checkpoint/query", headers=headers), status_code, "12")
+            assert connections["taken"] - taken <= 1, (
+                f"12: a request answered {status_code} took {connections['taken'] - taken} "
+                "database connections, one per query: the user lookup and the route share "
+                "one (Depends(one_connection) in CustomHTTPBearer)"
+            )
+            assert connections["given back"] == connections["taken"], (
+                f"12: a request answered {status_code} and kept its database connection"
+            )
+
+
+def hung_up(app, path, token):
+    """GET path straight from the ASGI app, for a client that hangs up at once:
+    uvicorn tells the app so (http.disconnect) and drops the answer."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {token}".encode())],
+    }
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    return app(scope, receive, send)
+
+
+def test_12_requests_cut_short_give_their_connections_back(app_dir, connections):
+    app = with_test_routes(load_app(app_dir))
+    with TestClient(app) as client:
+        token = register(client)
+
+    async def burst():
+        async with app.router.lifespan_context(app):
+            requests = []
+            for _ in range(10):  # 30 at once: more than asyncpg's pool of 10 connections
+                requests.append(hung_up(app, "/checkpoint/query", token))
+                requests.append(hung_up(app, "/checkpoint/query", "not-a-jwt"))
+                requests.append(hung_up(app, "/checkpoint/crash", token))
+            await asyncio.gather(*requests, return_exceptions=True)
+
+    try:
+        asyncio.run(asyncio.wait_for(burst(), 30))
+    except TimeoutError:
+        pytest.fail("12: requests waited 30 s for a database connection", pytrace=False)
+    assert connections["given back"] == connections["taken"], (
+        f"12: {connections['taken'] - connections['given back']} database connections "
+        "still taken after a burst of requests cut short"
+    )
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_7_a_body_over_64_kib_is_413(client, db, chunked):
+def test_12_a_body_over_64_kib_is_413(client, db, chunked):
     body = b'{"email": "ada@example.com", "password": "' + b"x" * 70_000 + b'"}'
     content = iter([body[:1000], body[1000:]]) if chunked else body
-    response = client.post(
-        "/register", content=content, headers={"Content-Type": "application/json"}
-    )
-    expect(response, 413, "7: LimitBodySize refuses a body over MAX_BODY_BYTES")
+    response = client.post("/register", content=content, headers=JSON_HEADERS)
+    expect(response, 413, "12: LimitBodySize refuses a body over MAX_BODY_BYTES")
     assert response.json() == {"detail": "Request body too large."}
     assert rows(db, "SELECT id FROM users") == []
 
 
-def test_7_openapi_declares_429_413_and_503(client):
-    paths = client.get("/openapi.json").json()["paths"]
-    assert {"429", "413", "503"} <= set(paths["/login"]["post"]["responses"])
-    for path in ("/register", "/password"):
-        assert {"413", "503"} <= set(paths[path]["post"]["responses"]), f"7: {path}"
-    assert "413" in paths["/clothes/"]["post"]["responses"]
+# --- 13 A new server, an old database --------------------------------------------------------
+
+
+def refused_start(app_dir, capsys, why):
+    """What the app printed when it refused to start; a failure if nothing stopped it."""
+    capsys.readouterr()
+    try:
+        load_app(app_dir)
+    except SystemExit as stopped:
+        assert stopped.code == 3, (
+            f"13: refuse with refuse_to_start (exit status 3, uvicorn's STARTUP_FAILURE, so "
+            f"that --workers stops too), not with exit status {stopped.code!r}"
+        )
+        return capsys.readouterr().err
+    pytest.fail(f"13: {why} must stop the app", pytrace=False)
+
+
+def test_13_a_short_secret_stops_startup_with_exit_status_3_and_advice(
+    app_dir, monkeypatch, capsys
+):
+    monkeypatch.setenv("JWT_SECRET", "s" * 31)
+    printed = refused_start(app_dir, capsys, "a JWT_SECRET shorter than 32 bytes")
+    assert "JWT_SECRET" in printed, f"13: say what is wrong; printed {printed!r}"
+    assert "secrets.token_urlsafe" in printed, "13: say how to make a good secret"
+    assert "Traceback" not in printed, "13: one clear message, no traceback"
+
+
+def test_13_missing_secret_still_starts_with_a_warning(app_dir, db, monkeypatch, caplog):
+    monkeypatch.delenv("JWT_SECRET")
+    module = load_app(app_dir)
+    assert "JWT_SECRET is not set" in caplog.text, "13: warn that JWT_SECRET is not set"
+    assert token_for_ada(module, db)
+
+
+def test_13_missing_secret_is_made_once_and_kept(app_dir, db, monkeypatch):
+    # Another worker of `uvicorn --workers 4`, or a restart, must read the same secret.
+    monkeypatch.delenv("JWT_SECRET")
+    token = token_for_ada(load_app(app_dir), db)
+    kept = app_dir / ".jwt_secret"
+    assert kept.exists(), "13: keep the secret made up in .jwt_secret beside main.py"
+    assert kept.stat().st_mode & 0o777 == 0o600, "13: only you may read .jwt_secret (0600)"
+    restarted = load_app(app_dir)
+    assert jwt.decode(token, restarted.JWT_SECRET, algorithms=["HS256"])["sub"] == "42", (
+        "13: after a restart the app must read the same secret, so old tokens still work"
+    )
+
+
+def test_13_missing_secret_says_once_where_it_is_kept(app_dir, monkeypatch, caplog):
+    monkeypatch.delenv("JWT_SECRET")
+    load_app(app_dir)
+    assert str(app_dir / ".jwt_secret") in caplog.text, "13: say where the secret is kept"
+    caplog.clear()
+    load_app(app_dir)
+    assert "JWT_SECRET" not in caplog.text, "13: say it once, when the file is made"
+
+
+def secrets_read_at_once(module, kept, workers=8):
+    """What each of several workers, started at the same moment, reads as the secret."""
+    start = threading.Barrier(workers)
+
+    def start_worker(_):
+        start.wait()
+        return module.load_or_create_secret(kept)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return set(pool.map(start_worker, range(workers)))
+
+
+def test_13_workers_starting_at_once_agree_on_the_secret(app_dir, tmp_path):
+    module = load_app(app_dir)
+    for attempt in range(5):  # a race shows only now and then: try a few times
+        folder = tmp_path / f"empty-{attempt}"
+        folder.mkdir()
+        kept = folder / ".jwt_secret"
+        found = secrets_read_at_once(module, kept)
+        assert found == {kept.read_text()}, f"13: 8 workers read {len(found)} secrets"
+        assert len(kept.read_text()) >= 32, "13: make it with secrets.token_urlsafe(32)"
+        assert [path.name for path in folder.iterdir()] == [".jwt_secret"], "13: no file left"
+
+
+def test_13_missing_secret_is_random_per_folder(app_dir, tmp_path, monkeypatch):
+    # A made-up secret that anybody could read in main.py would be no secret.
+    monkeypatch.delenv("JWT_SECRET")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(app_dir / "main.py", other / "main.py")
+    assert load_app(app_dir).JWT_SECRET != load_app(other).JWT_SECRET, (
+        "13: make a random secret (secrets.token_urlsafe), one per app folder"
+    )
+
+
+def test_13_a_set_secret_wins_and_no_file_is_made(app_dir):
+    assert load_app(app_dir).JWT_SECRET == SECRET
+    assert not (app_dir / ".jwt_secret").exists(), "13: JWT_SECRET is set: keep no file"
+
+
+def test_13_a_kept_secret_that_is_not_text_stops_startup_clearly(app_dir, monkeypatch, capsys):
+    monkeypatch.delenv("JWT_SECRET")
+    (app_dir / ".jwt_secret").write_bytes(b"\xff\xfe not text")
+    printed = refused_start(app_dir, capsys, "a .jwt_secret that is not text")
+    assert ".jwt_secret" in printed and "Delete" in printed and "JWT_SECRET" in printed, (
+        f"13: name the file and say how to fix it; printed {printed!r}"
+    )
+
+
+def startup_refusal(module, capsys):
+    """What the app prints when it refuses to start, as uvicorn starts it; None if it starts.
+
+    It speaks the ASGI lifespan protocol, as uvicorn does: the app must answer
+    "lifespan.startup.failed" and stop with exit status 3, uvicorn's STARTUP_FAILURE.
+    """
+    to_app = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    from_app = []
+
+    async def receive():
+        return next(to_app)
+
+    async def send(message):
+        from_app.append(message["type"])
+
+    capsys.readouterr()
+    try:
+        asyncio.run(module.app({"type": "lifespan", "state": {}}, receive, send))
+    except SystemExit as stopped:
+        assert (stopped.code, from_app) == (3, ["lifespan.startup.failed"]), (
+            "13: refuse in StartupChecks with refuse_to_start: uvicorn must hear "
+            f"lifespan.startup.failed and see exit status 3; got {stopped.code!r}, {from_app}"
+        )
+        return capsys.readouterr().err
+    return None
+
+
+def test_13_a_database_that_cannot_be_opened_stops_startup_clearly(app_dir, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{app_dir / 'no such folder' / 'x.db'}")
+    try:
+        refusal = startup_refusal(load_app(app_dir), capsys)
+    except sqlalchemy.exc.OperationalError as error:
+        pytest.fail(
+            f"13: stop with a clear message (create_tables), not with {error}", pytrace=False
+        )
+    assert refusal and "Cannot open the database" in refusal and "DATABASE_URL" in refusal, (
+        f"13: say the database cannot be opened, and what to check; got {refusal!r}"
+    )
+    assert "Traceback" not in refusal, "13: one clear message, no traceback"
+
+
+# The users table as part 3 left it, in SQL that SQLite and PostgreSQL both take.
+PART_3_USERS = (
+    "CREATE TABLE users (id INTEGER PRIMARY KEY, email VARCHAR(120) NOT NULL UNIQUE, "
+    "password VARCHAR(255) NOT NULL, full_name VARCHAR(200), phone VARCHAR(13), "
+    "created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, "
+    "last_modified_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP{more})"
+)
+
+
+@pytest.mark.parametrize(
+    "more, missing",
+    [("", "role"), (", role VARCHAR(11) NOT NULL DEFAULT 'user'", "token_version")],
+    ids=["part-3", "before-6"],
+)
+def test_13_an_old_database_is_refused_at_startup(app_dir, db, capsys, more, missing):
+    # create_all leaves an existing table as it is: the new column would be missing.
+    run_sql(db, PART_3_USERS.format(more=more))
+    refusal = startup_refusal(load_app(app_dir), capsys)
+    assert refusal and missing in refusal and "migration" in refusal, (
+        f"13: on a users table without {missing}, stop at startup with a message that names "
+        f"the column and the fix, a migration (check_columns), not with a 500 later; "
+        f"got {refusal!r}"
+    )
+    assert "Traceback" not in refusal, "13: one clear message, no traceback"
+
+
+def test_13_commands_refuse_an_old_database_too(app_dir, db, monkeypatch, capsys):
+    run_sql(db, PART_3_USERS.format(more=""))
+    try:
+        run_command(app_dir, monkeypatch, "set-role", "ada@example.com", "admin")
+    except SystemExit as stopped:
+        printed = capsys.readouterr().err
+        assert stopped.code == 3 and "role" in printed, f"13: got {stopped.code!r}, {printed!r}"
+    except sqlalchemy.exc.DBAPIError as error:
+        pytest.fail(
+            f"13: main() checks the columns too (check_columns) before any command, "
+            f"not {error.orig}",
+            pytrace=False,
+        )
+    else:
+        pytest.fail("13: main() must refuse a database without the role column", pytrace=False)
+
+
+def test_13_sqlite_runs_in_wal_mode(client, db):
+    if db.dialect.name != "sqlite":
+        pytest.skip("SQLite only")
+    [mode] = rows(db, "PRAGMA journal_mode")
+    assert mode["journal_mode"] == "wal", "13: readers must not wait for writers (use_wal_mode)"
+
+
+def test_13_workers_starting_at_once_create_the_tables_once(app_dir, db):
+    # uvicorn --workers 4 starts four apps at once, and each creates the tables: create_all
+    # alone looks, then creates, so two workers can both find no table and both create it.
+    module = load_app(app_dir)
+    start = threading.Barrier(8)
+
+    def start_worker(_):
+        start.wait()
+        module.create_tables()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(start_worker, range(8)))  # list(): re-raises a worker's error
+    tables = set(sqlalchemy.inspect(db).get_table_names())
+    assert {"users", "clothes"} <= tables, f"13: create_tables made {sorted(tables)}"
+
+
+def test_13_only_a_taken_email_is_409(app_dir, db):
+    # Another broken rule is a server error to fix, not "email taken".
+    if db.dialect.name != "sqlite":
+        pytest.skip("uses a SQLite trigger")
+    with TestClient(load_app(app_dir).app, raise_server_exceptions=False) as client:
+        run_sql(
+            db,
+            "CREATE TRIGGER refuse BEFORE INSERT ON users "
+            "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END",
+        )
+        response = client.post("/register", json=BODY)
+    assert response.status_code == 500, (
+        "13: answer 409 only for a taken email (is_email_taken: SQLITE_CONSTRAINT_UNIQUE), "
+        f"got {response.status_code}: {response.text}"
+    )
+
+
+def test_13_create_user_makes_an_admin_who_can_add_clothes(app_dir, db, monkeypatch, capsys):
+    run_command(app_dir, monkeypatch, "create-user", "boss@example.com", "--role", "admin")
+    assert "Created boss@example.com" in capsys.readouterr().out, "13: say what was created"
+    [user] = rows(db, "SELECT role FROM users WHERE email = 'boss@example.com'")
+    assert user["role"] == "admin"
+    with TestClient(load_app(app_dir).app) as client:
+        response = client.post(
+            "/login", json={"email": "boss@example.com", "password": "admin password"}
+        )
+        expect(response, 200, "13: the new admin logs in")
+        created = client.post("/clothes/", json=SHIRT, headers=bearer(response.json()["token"]))
+        expect(created, 201, "13: the new admin adds clothes")
+
+
+def test_13_create_user_makes_an_admin_by_default(app_dir, db, monkeypatch):
+    run_command(app_dir, monkeypatch, "create-user", "boss@example.com")
+    [user] = rows(db, "SELECT role FROM users")
+    assert user["role"] == "admin", "13: create-user without --role makes an admin"
+
+
+def test_13_create_user_twice_fails_and_keeps_the_first(app_dir, db, monkeypatch):
+    run_command(app_dir, monkeypatch, "create-user", "boss@example.com", "--role", "admin")
+    with pytest.raises(SystemExit, match="boss@example.com is taken"):
+        run_command(app_dir, monkeypatch, "create-user", "BOSS@example.com", "--role", "user")
+    [user] = rows(db, "SELECT email, role FROM users")
+    assert (user["email"], user["role"]) == ("boss@example.com", "admin"), (
+        "13: the first user stays, its email lowercased as at /register"
+    )
+
+
+def test_13_create_user_reports_other_database_errors_as_they_are(app_dir, db, monkeypatch):
+    # As at /register: only a taken email is "taken"; any other broken rule shows itself.
+    if db.dialect.name != "sqlite":
+        pytest.skip("uses a SQLite trigger")
+    run_command(app_dir, monkeypatch, "create-user", "first@example.com")
+    run_sql(
+        db,
+        "CREATE TRIGGER refuse BEFORE INSERT ON users "
+        "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END",
+    )
+    with pytest.raises(sqlalchemy.exc.IntegrityError, match="the disk is full"):
+        run_command(app_dir, monkeypatch, "create-user", "boss@example.com")
+
+
+@pytest.mark.parametrize(
+    "password, args, rule",
+    [
+        ("shrt", [], "password"),
+        ("iloveyou", [], "too common"),
+        ("admin password", ["--full-name", "B\x00b"], "full_name"),
+    ],
+    ids=["short", "common", "control-character"],
+)
+def test_13_create_user_checks_what_it_is_given(app_dir, db, monkeypatch, password, args, rule):
+    with pytest.raises(SystemExit) as stopped:
+        run_command(app_dir, monkeypatch, "create-user", "b@example.com", *args, password=password)
+    said = str(stopped.value.code)
+    assert rule in said, f"13: create-user refuses it and says why ({rule}); it said {said!r}"
+    assert password not in said, "13: never show the password on screen"
+    assert rows(db, "SELECT id FROM users") == [], "13: create nobody"
+
+
+# --- 14 Every answer in /docs ------------------------------------------------------------------
+
+
+def test_14_swagger_groups_operations_by_lesson_section(client):
+    # Students spend section 2.2 in Swagger: it should read like the lesson.
+    schema = client.get("/openapi.json").json()
+    assert schema["info"]["title"] and schema["info"]["description"]
+    operations = {
+        f"{method.upper()} {path}": (operation.get("tags"), operation.get("summary"))
+        for path, methods in schema["paths"].items()
+        for method, operation in methods.items()
+    }
+    assert operations == {
+        "POST /register": (["1 · JWT"], "1.3 Register a user and get a token"),
+        "GET /clothes/": (["2 · Authentication"], "2.2 List clothes (any logged-in user)"),
+        "POST /clothes/": (["3 · Authorization"], "3.2 Add clothes (admin and super_admin only)"),
+        "POST /login": (["4 · Logging in"], "4 Log in with email and password and get a token"),
+        "POST /logout": (
+            ["6 · Going further"],
+            "6 Log out: every token of this user stops working",
+        ),
+        "POST /password": (
+            ["6 · Going further"],
+            "6 Change the password: older tokens stop working, here is a new one",
+        ),
+        "POST /refresh": (
+            ["8 · Going further"],
+            "8 Trade a refresh token for a new pair of tokens",
+        ),
+    }, "14: give every route the tags and summary of its lesson section"
+
+
+# Every error each route can answer, besides FastAPI's own 422.
+ERRORS = {
+    "POST /register": {"400", "409", "413", "503"},
+    "GET /clothes/": {"401"},
+    "POST /clothes/": {"400", "401", "403", "413"},
+    "POST /login": {"400", "401", "413", "429", "503"},
+    "POST /logout": {"401"},
+    "POST /password": {"400", "401", "413", "503"},
+    "POST /refresh": {"400", "401", "413"},
+}
+
+
+def test_14_openapi_declares_every_error_answer(client):
+    schema = client.get("/openapi.json").json()
+    for operation, codes in ERRORS.items():
+        method, path = operation.split()
+        responses = schema["paths"][path][method.lower()]["responses"]
+        assert codes <= set(responses), (
+            f"14: {operation} should declare {sorted(codes - set(responses))} in responses="
+        )
+        for code in codes:
+            content = responses[code].get("content", {}).get("application/json", {})
+            assert content.get("schema") == {"$ref": "#/components/schemas/ErrorOut"}, (
+                f"14: {operation}'s {code} answers an ErrorOut"
+            )
+    error_out = schema["components"]["schemas"]["ErrorOut"]
+    assert set(error_out["properties"]) == {"detail"}, "14: ErrorOut holds the detail"
