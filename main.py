@@ -13,7 +13,7 @@ import hashlib  # 8
 import logging  # 8
 import math  # 7
 import os  # 12
-import re  # 9
+import re  # 10
 import secrets  # 8
 import sqlite3  # 1.3
 import sys  # 13
@@ -42,15 +42,15 @@ from fastapi import Depends  # 2.2
 from fastapi import FastAPI
 from fastapi import HTTPException  # 1.3
 from fastapi import Request  # 2.1
-from fastapi import Response  # 10
+from fastapi import Response  # 9
 from fastapi import status  # 1.3
-from fastapi.encoders import jsonable_encoder  # 10
+from fastapi.encoders import jsonable_encoder  # 9
 from fastapi.exceptions import RequestValidationError  # 7
-from fastapi.responses import JSONResponse  # 10
+from fastapi.responses import JSONResponse  # 9
 from fastapi.security import HTTPBearer  # 2.1
 from fastapi_offline import FastAPIOffline
 from passlib.context import CryptContext
-from pydantic import AfterValidator  # 9
+from pydantic import AfterValidator  # 10
 from pydantic import BaseModel
 from pydantic import EmailStr
 from pydantic import Field
@@ -160,7 +160,7 @@ clothes = sqlalchemy.Table(
 # --- 0 Schemas ---
 
 
-def fits_bcrypt(password: str) -> str:  # 9
+def fits_bcrypt(password: str) -> str:  # 10
     # bcrypt refuses more than 72 bytes and NUL characters: a 422 here, not a 500 later.
     if len(password.encode()) > 72:
         raise ValueError("password must be at most 72 bytes")
@@ -177,7 +177,7 @@ NewPassword = Annotated[str, Field(min_length=8), AfterValidator(fits_bcrypt)]
 Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=120)]
 
 
-def no_control_characters(text: str) -> str:  # 9
+def no_control_characters(text: str) -> str:  # 10
     # NUL, tab, newline and the other C0 controls have no place in a name or a phone
     # number, and PostgreSQL refuses NUL outright: a 422 here, not a 500 there.
     if any(ord(character) < 32 for character in text):
@@ -188,7 +188,7 @@ def no_control_characters(text: str) -> str:  # 9
     return text
 
 
-PlainText = Annotated[str, AfterValidator(no_control_characters)]  # 9
+PlainText = Annotated[str, AfterValidator(no_control_characters)]  # 10
 
 
 class UserSignIn(BaseModel):
@@ -314,7 +314,7 @@ class TokenOut(BaseModel):
     refresh_token: str  # 8
 
 
-def no_store(response: Response) -> None:  # 10
+def no_store(response: Response) -> None:  # 9
     # A token works like a password: no browser or proxy may keep a copy (RFC 6749, 5.1).
     response.headers["Cache-Control"] = "no-store"
 
@@ -367,7 +367,7 @@ BUSY = {  # 14
     "/register",
     status_code=status.HTTP_201_CREATED,
     response_model=TokenOut,
-    dependencies=[Depends(no_store)],  # 10
+    dependencies=[Depends(no_store)],  # 9
     responses={  # 14
         **BAD_BODY,
         status.HTTP_409_CONFLICT: {"model": ErrorOut, "description": "Email taken"},
@@ -418,7 +418,7 @@ class CustomHTTPBearer(HTTPBearer):
     async def __call__(
         self, request: Request, connection: Annotated[None, Depends(one_connection)]
     ) -> dict:
-        if len(request.headers.getlist("Authorization")) > 1:  # 9
+        if len(request.headers.getlist("Authorization")) > 1:  # 10
             # With two Authorization headers, which one counts depends on who reads them.
             raise unauthorized("Send one Authorization header.")
         # No Bearer token at all: the base class answers 401 "Not authenticated".
@@ -435,7 +435,7 @@ class CustomHTTPBearer(HTTPBearer):
             raise unauthorized("Token expired.")
         except jwt.InvalidTokenError:
             raise unauthorized("Invalid token.")
-        if not is_user_id(payload["sub"]):  # 9
+        if not is_user_id(payload["sub"]):  # 10
             raise unauthorized("Invalid token.")
         user = await database.fetch_one(users.select().where(users.c.id == int(payload["sub"])))
         # The user may have been deleted since.
@@ -524,7 +524,7 @@ class UserLogin(BaseModel):
 @app.post(
     "/login",
     response_model=TokenOut,
-    dependencies=[Depends(no_store)],  # 10
+    dependencies=[Depends(no_store)],  # 9
     responses={  # 14
         **BAD_BODY,
         status.HTTP_401_UNAUTHORIZED: {
@@ -915,7 +915,7 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
 @app.post(
     "/refresh",
     response_model=TokenOut,
-    dependencies=[Depends(no_store)],  # 10
+    dependencies=[Depends(no_store)],  # 9
     responses={  # 14
         **BAD_BODY,
         status.HTTP_401_UNAUTHORIZED: {
@@ -973,19 +973,7 @@ async def refresh(body: RefreshIn):
     return {"token": create_access_token(user), "refresh_token": token}
 
 
-# --- 9 Input that crashes the app ---
-
-# A user id we issued: a positive whole number, small enough for the id column
-# (PostgreSQL's INTEGER holds up to 2**31 - 1; a larger one would be a 500 there).
-USER_ID_PATTERN = re.compile(r"[1-9][0-9]{0,9}")
-MAX_USER_ID = 2**31 - 1
-
-
-def is_user_id(sub: str) -> bool:
-    return bool(USER_ID_PATTERN.fullmatch(sub)) and int(sub) <= MAX_USER_ID
-
-
-# --- 10 A password in an error message ---
+# --- 9 A password in an error message ---
 
 
 @app.exception_handler(RequestValidationError)
@@ -995,6 +983,18 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
     return JSONResponse(
         {"detail": jsonable_encoder(problems)}, status.HTTP_422_UNPROCESSABLE_CONTENT
     )
+
+
+# --- 10 Input that crashes the app ---
+
+# A user id we issued: a positive whole number, small enough for the id column
+# (PostgreSQL's INTEGER holds up to 2**31 - 1; a larger one would be a 500 there).
+USER_ID_PATTERN = re.compile(r"[1-9][0-9]{0,9}")
+MAX_USER_ID = 2**31 - 1
+
+
+def is_user_id(sub: str) -> bool:
+    return bool(USER_ID_PATTERN.fullmatch(sub)) and int(sub) <= MAX_USER_ID
 
 
 # --- 11 Look-alikes ---
@@ -1143,13 +1143,13 @@ def check_columns() -> None:
             if column.name not in found:
                 refuse_to_start(
                     f"The {table.name} table in the database has no {column.name} column. "
-                    "Add it with a migration (lesson.md, Appendix H), or, if the data "
+                    "Add it with a migration (lesson.md, Appendix B), or, if the data "
                     "does not matter, delete the database and start again."
                 )
 
 
 def use_wal_mode() -> None:
-    # WAL: readers never wait for the writer, and writers wait less (Appendix J). It stays
+    # WAL: readers never wait for the writer, and writers wait less. It stays
     # set in the file. The switch needs the file to itself: if another worker is busy with
     # it right now, that worker, or the next start, makes the switch.
     try:

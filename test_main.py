@@ -1443,119 +1443,7 @@ def test_8_openapi_lists_refresh_without_a_bearer(client):
     }, "8: /refresh answers a TokenOut (response_model=TokenOut)"
 
 
-# --- 9 Input that crashes the app ----------------------------------------------------------
-
-# Passwords that bcrypt refuses with an error, a 500 if they reach it: more than 72 bytes
-# (66 characters, 78 bytes: Field(max_length=72) counts characters) and a NUL character.
-# Both are hard to guess, so that zxcvbn (7) lets them through to bcrypt.
-BCRYPT_REFUSES = {
-    "78-byte": "Grüße über Öl und Äpfel, später! " * 2,
-    "nul": "correct\x00horse battery",
-}
-
-
-def test_9_a_password_bcrypt_refuses_is_422_at_register(client, db):
-    changes = {case: {"password": password} for case, password in BCRYPT_REFUSES.items()}
-    expect_422_and_no_user(client, db, changes, "9: check Password with fits_bcrypt")
-
-
-def test_9_a_password_bcrypt_refuses_is_422_at_login(client):
-    register(client)
-    for case, password in BCRYPT_REFUSES.items():
-        response = client.post("/login", json={"email": "ada@example.com", "password": password})
-        expect(response, 422, f"9 ({case}): check Password with fits_bcrypt")
-
-
-def test_9_a_password_bcrypt_refuses_is_422_as_a_new_password(client, db):
-    token = register(client)
-    [before] = rows(db, "SELECT * FROM users")
-    for case, new_password in BCRYPT_REFUSES.items():
-        response = change_password(client, token, new_password)
-        expect(response, 422, f"9 ({case}): check NewPassword with fits_bcrypt")
-        assert rows(db, "SELECT * FROM users") == [before], f"9 ({case}): nothing changes"
-
-
-INVALID_TEXT = {
-    "nul-name": {"full_name": "Ada\x00Lovelace"},  # PostgreSQL refuses NUL: a 500 there
-    "nul-phone": {"phone": "+359\x00888"},
-    "newline-name": {"full_name": "Ada\nLovelace"},  # no control characters in a name
-    "tab-phone": {"phone": "+359\t888"},
-}
-
-
-def test_9_names_and_phones_are_plain_text(client, db):
-    expect_422_and_no_user(client, db, INVALID_TEXT, "9: full_name and phone are PlainText")
-
-
-INVALID_CLOTHES_TEXT = {
-    "nul-name": {"name": "Linen\x00shirt"},  # PostgreSQL refuses NUL: a 500 there
-    "newline-name": {"name": "Linen\nshirt"},
-}
-
-
-def test_9_clothes_names_are_plain_text(client, db):
-    expect_422_and_no_clothes(client, db, INVALID_CLOTHES_TEXT, "9: ClothesIn's name is PlainText")
-
-
-def test_9_rows_from_before_the_rules_still_list(client, db):
-    # The new rules check what comes in; rows already stored must still be listed.
-    token = register(client)
-    run_sql(
-        db,
-        "INSERT INTO clothes (name, color, size, photo_url) "
-        "VALUES ('Old\tscarf', 'pink', 'xl', 'https://example.com/scarf.jpg')",
-    )
-    response = client.get("/clothes/", headers=bearer(token))
-    expect(response, 200, "9: put the new rules on ClothesIn, not on ClothesBase")
-    assert response.json()[0]["name"] == "Old\tscarf"
-
-
-def test_9_half_a_utf16_pair_is_422(client, db):
-    # JSON may carry "\ud800" (json.dumps writes it so): no database can store it, and a
-    # refresh token holding it cannot be hashed.
-    changes = {
-        "surrogate-name": {"full_name": "Ada \ud800"},
-        "surrogate-phone": {"phone": "\ud800"},
-    }
-    expect_422_and_no_user(client, db, changes, "9: full_name and phone are PlainText")
-    body = json.dumps({"refresh_token": "\ud800" * 43})
-    response = client.post("/refresh", content=body, headers=JSON_HEADERS)
-    expect(response, 422, "9: RefreshIn's refresh_token is PlainText")
-    changes = {"surrogate-name": {"name": "Linen \ud800"}}
-    expect_422_and_no_clothes(client, db, changes, "9: ClothesIn's name is PlainText")
-
-
-SUBS_THAT_ARE_NO_USER_ID = {
-    "text": "abc",
-    "sql": "1 OR 1=1",
-    "leading-zero": "01",
-    "40-digits": "9" * 40,  # too large for SQLite's INTEGER: a 500 there
-    # Beyond PostgreSQL's INTEGER (2**31 - 1): a 500 there if it reached the query.
-    "past-int32": "2147483648",
-    "11-digits": "99999999999",
-}
-
-
-def test_9_a_sub_that_is_no_user_id_is_401_invalid_token(probe):
-    register(probe)  # user 1 exists, so only the token can be at fault
-    for case, sub in SUBS_THAT_ARE_NO_USER_ID.items():
-        token = make_token({"sub": sub, "exp": in_one_hour(), "ver": 0})
-        response = probe.get("/checkpoint/me", headers=bearer(token))
-        expect_401(response, "Invalid token.", f"9 ({case}): check sub with is_user_id")
-
-
-def test_9_two_authorization_headers_are_refused(probe):
-    # Which of two headers counts depends on who reads them: accept neither.
-    token = register(probe)
-    for headers in (
-        [("Authorization", f"Bearer {token}"), ("Authorization", "Bearer junk")],
-        [("Authorization", "Bearer junk"), ("Authorization", f"Bearer {token}")],
-    ):
-        response = probe.get("/checkpoint/me", headers=headers)
-        expect_401(response, "Send one Authorization header.", "9")
-
-
-# --- 10 A password in an error message ----------------------------------------------------
+# --- 9 A password in an error message -----------------------------------------------------
 
 
 def refused_password(client, route, token=None):
@@ -1571,39 +1459,151 @@ def refused_password(client, route, token=None):
 
 
 @pytest.mark.parametrize("route", ["/register", "/login", "/password"])
-def test_10_a_422_does_not_repeat_the_password(client, route):
+def test_9_a_422_does_not_repeat_the_password(client, route):
     token = register(client) if route == "/password" else None
     password, response = refused_password(client, route, token)
-    expect(response, 422, "10")
+    expect(response, 422, "9")
     assert "never-show-me" not in response.text, (
-        f"10: a 422 must not repeat the password it refused: {response.text[:300]}"
+        f"9: a 422 must not repeat the password it refused: {response.text[:300]}"
     )
     assert all("input" not in problem for problem in response.json()["detail"]), (
-        "10: drop each problem's input (the RequestValidationError handler)"
+        "9: drop each problem's input (the RequestValidationError handler)"
     )
 
 
-def test_10_a_422_still_says_what_is_wrong(client):
+def test_9_a_422_still_says_what_is_wrong(client):
     response = client.post("/register", json={**BODY, "email": "not-an-email"})
-    expect(response, 422, "10")
+    expect(response, 422, "9")
     [problem] = response.json()["detail"]
     assert problem["loc"] == ["body", "email"] and problem["msg"], (
-        f"10: keep loc and msg, drop input only; got {problem}"
+        f"9: keep loc and msg, drop input only; got {problem}"
     )
 
 
-def test_10_answers_with_a_token_are_never_cached(client):
+def test_9_answers_with_a_token_are_never_cached(client):
     answers = {"/register": client.post("/register", json=BODY)}
     answers["/login"] = client.post("/login", json=RIGHT)
     token = answers["/login"].json()["token"]
     answers["/password"] = change_password(client, token)
     answers["/refresh"] = refresh(client, answers["/password"].json()["refresh_token"])
     for route, response in answers.items():
-        expect(response, 201 if route == "/register" else 200, "10")
+        expect(response, 201 if route == "/register" else 200, "9")
         assert response.headers.get("cache-control") == "no-store", (
-            f"10: {route} answers a token: say Cache-Control: no-store (RFC 6749, 5.1) "
+            f"9: {route} answers a token: say Cache-Control: no-store (RFC 6749, 5.1) "
             "with Depends(no_store)"
         )
+
+
+# --- 10 Input that crashes the app ---------------------------------------------------------
+
+# Passwords that bcrypt refuses with an error, a 500 if they reach it: more than 72 bytes
+# (66 characters, 78 bytes: Field(max_length=72) counts characters) and a NUL character.
+# Both are hard to guess, so that zxcvbn (7) lets them through to bcrypt.
+BCRYPT_REFUSES = {
+    "78-byte": "Grüße über Öl und Äpfel, später! " * 2,
+    "nul": "correct\x00horse battery",
+}
+
+
+def test_10_a_password_bcrypt_refuses_is_422_at_register(client, db):
+    changes = {case: {"password": password} for case, password in BCRYPT_REFUSES.items()}
+    expect_422_and_no_user(client, db, changes, "10: check Password with fits_bcrypt")
+
+
+def test_10_a_password_bcrypt_refuses_is_422_at_login(client):
+    register(client)
+    for case, password in BCRYPT_REFUSES.items():
+        response = client.post("/login", json={"email": "ada@example.com", "password": password})
+        expect(response, 422, f"10 ({case}): check Password with fits_bcrypt")
+
+
+def test_10_a_password_bcrypt_refuses_is_422_as_a_new_password(client, db):
+    token = register(client)
+    [before] = rows(db, "SELECT * FROM users")
+    for case, new_password in BCRYPT_REFUSES.items():
+        response = change_password(client, token, new_password)
+        expect(response, 422, f"10 ({case}): check NewPassword with fits_bcrypt")
+        assert rows(db, "SELECT * FROM users") == [before], f"10 ({case}): nothing changes"
+
+
+INVALID_TEXT = {
+    "nul-name": {"full_name": "Ada\x00Lovelace"},  # PostgreSQL refuses NUL: a 500 there
+    "nul-phone": {"phone": "+359\x00888"},
+    "newline-name": {"full_name": "Ada\nLovelace"},  # no control characters in a name
+    "tab-phone": {"phone": "+359\t888"},
+}
+
+
+def test_10_names_and_phones_are_plain_text(client, db):
+    expect_422_and_no_user(client, db, INVALID_TEXT, "10: full_name and phone are PlainText")
+
+
+INVALID_CLOTHES_TEXT = {
+    "nul-name": {"name": "Linen\x00shirt"},  # PostgreSQL refuses NUL: a 500 there
+    "newline-name": {"name": "Linen\nshirt"},
+}
+
+
+def test_10_clothes_names_are_plain_text(client, db):
+    expect_422_and_no_clothes(client, db, INVALID_CLOTHES_TEXT, "10: ClothesIn's name is PlainText")
+
+
+def test_10_rows_from_before_the_rules_still_list(client, db):
+    # The new rules check what comes in; rows already stored must still be listed.
+    token = register(client)
+    run_sql(
+        db,
+        "INSERT INTO clothes (name, color, size, photo_url) "
+        "VALUES ('Old\tscarf', 'pink', 'xl', 'https://example.com/scarf.jpg')",
+    )
+    response = client.get("/clothes/", headers=bearer(token))
+    expect(response, 200, "10: put the new rules on ClothesIn, not on ClothesBase")
+    assert response.json()[0]["name"] == "Old\tscarf"
+
+
+def test_10_half_a_utf16_pair_is_422(client, db):
+    # JSON may carry "\ud800" (json.dumps writes it so): no database can store it, and a
+    # refresh token holding it cannot be hashed.
+    changes = {
+        "surrogate-name": {"full_name": "Ada \ud800"},
+        "surrogate-phone": {"phone": "\ud800"},
+    }
+    expect_422_and_no_user(client, db, changes, "10: full_name and phone are PlainText")
+    body = json.dumps({"refresh_token": "\ud800" * 43})
+    response = client.post("/refresh", content=body, headers=JSON_HEADERS)
+    expect(response, 422, "10: RefreshIn's refresh_token is PlainText")
+    changes = {"surrogate-name": {"name": "Linen \ud800"}}
+    expect_422_and_no_clothes(client, db, changes, "10: ClothesIn's name is PlainText")
+
+
+SUBS_THAT_ARE_NO_USER_ID = {
+    "text": "abc",
+    "sql": "1 OR 1=1",
+    "leading-zero": "01",
+    "40-digits": "9" * 40,  # too large for SQLite's INTEGER: a 500 there
+    # Beyond PostgreSQL's INTEGER (2**31 - 1): a 500 there if it reached the query.
+    "past-int32": "2147483648",
+    "11-digits": "99999999999",
+}
+
+
+def test_10_a_sub_that_is_no_user_id_is_401_invalid_token(probe):
+    register(probe)  # user 1 exists, so only the token can be at fault
+    for case, sub in SUBS_THAT_ARE_NO_USER_ID.items():
+        token = make_token({"sub": sub, "exp": in_one_hour(), "ver": 0})
+        response = probe.get("/checkpoint/me", headers=bearer(token))
+        expect_401(response, "Invalid token.", f"10 ({case}): check sub with is_user_id")
+
+
+def test_10_two_authorization_headers_are_refused(probe):
+    # Which of two headers counts depends on who reads them: accept neither.
+    token = register(probe)
+    for headers in (
+        [("Authorization", f"Bearer {token}"), ("Authorization", "Bearer junk")],
+        [("Authorization", "Bearer junk"), ("Authorization", f"Bearer {token}")],
+    ):
+        response = probe.get("/checkpoint/me", headers=headers)
+        expect_401(response, "Send one Authorization header.", "10")
 
 
 # --- 11 Look-alikes --------------------------------------------------------------------------
