@@ -182,7 +182,8 @@ def no_control_characters(text: str) -> str:  # 10
     # number, and PostgreSQL refuses NUL outright: a 422 here, not a 500 there.
     if any(ord(character) < 32 for character in text):
         raise ValueError("must not contain control characters")
-    # JSON may carry half a UTF-16 pair ("\ud800"): no database can store that.
+    # Half a UTF-16 pair ("\ud800") is valid JSON, and a command-line argument can carry
+    # one too: no database can store it.
     if any("\ud800" <= character <= "\udfff" for character in text):
         raise ValueError("must be valid Unicode text")
     return text
