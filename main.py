@@ -695,7 +695,7 @@ failed_logins = sqlalchemy.Table(
 
 def client_address(request: Request) -> str:
     # Behind a proxy this is the proxy's address, unless uvicorn is told to trust
-    # the proxy's X-Forwarded-For header (--forwarded-allow-ips; lesson section 7).
+    # the proxy's X-Forwarded-For header (--forwarded-allow-ips; lesson.md, Appendix C).
     address = request.client.host if request.client else "unknown"
     return address[:45]  # the column's length: the longest IPv6 address is 45 characters
 
