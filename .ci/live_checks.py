@@ -998,7 +998,7 @@ def refused_old_schema():
     connection.execute(PART_3_USERS)
     connection.commit()
     connection.close()
-    words = ["token_version", "Appendix H"]
+    words = ["token_version", "Appendix B"]
     name = "users table without token_version"
     refused_start(name, workdir, words, JWT_SECRET=SECRET)
     refused_start(f"{name}, --workers 2", workdir, words, workers=2, JWT_SECRET=SECRET)
