@@ -161,7 +161,8 @@ def additions(text: str, section: str, lesson: str | None = None) -> list[str]:
 def changed_lines(before: str, after: str) -> list[str]:
     """The non-blank lines that `after` adds or changes, as `diff` shows them with a +."""
     diff = difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
-    return [line[1:] for line in diff if line[:1] == "+" and line[1:].strip()][1:]
+    added = [line for line in diff if line.startswith("+") and not line.startswith("+++")]
+    return [line[1:] for line in added if line[1:].strip()]
 
 
 def prose_words(markdown: str) -> int:
@@ -172,11 +173,11 @@ def prose_words(markdown: str) -> int:
 def core_sizes(text: str, lesson: str | None = None) -> dict[str, int]:
     """What the core makes a student type and read, by the measures of BUDGETS."""
     lesson = LESSON.read_text() if lesson is None else lesson
-    steps = {section: file_at(text, section, lesson) for section in CORE}
-    sizes = {"step 0 lines": sum(1 for line in steps["0"].splitlines() if line.strip())}
+    files = {section: file_at(text, section, lesson) for section in CORE}
+    sizes = {"step 0 lines": sum(1 for line in files["0"].splitlines() if line.strip())}
     typed = []
     for before, section in zip(CORE, CORE[1:], strict=False):
-        lines = changed_lines(steps[before], steps[section])
+        lines = changed_lines(files[before], files[section])
         sizes[f"{section} lines"] = len(lines)
         typed += lines
     sizes["core lines"] = len(typed)
