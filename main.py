@@ -321,47 +321,32 @@ def no_store(response: Response) -> None:  # 9
 
 
 class ErrorOut(BaseModel):  # 14
-    """What every error answer holds; the dictionaries below name each route's errors."""
+    """The body of every error answer: what went wrong, in words."""
 
     detail: str
 
 
-BAD_BODY = {  # 14
-    status.HTTP_400_BAD_REQUEST: {
-        "model": ErrorOut,
-        "description": "A body that cannot be read as JSON text",
-    }
-}
-NOT_AUTHENTICATED = {  # 14
-    status.HTTP_401_UNAUTHORIZED: {
-        "model": ErrorOut,
-        "description": "No token, or a token that is expired or invalid",
-    }
-}
-NOT_ALLOWED = {  # 14
-    status.HTTP_403_FORBIDDEN: {
-        "model": ErrorOut,
-        "description": "A valid token, but the user's role may not do this",
-    }
-}
-TOO_LARGE = {  # 14
-    status.HTTP_413_CONTENT_TOO_LARGE: {
-        "model": ErrorOut,
-        "description": "A request body over 64 KiB",
-    }
-}
-TOO_MANY_FAILURES = {  # 14
-    status.HTTP_429_TOO_MANY_REQUESTS: {
-        "model": ErrorOut,
-        "description": "Too many failed logins: try again after Retry-After seconds",
-    }
-}
-BUSY = {  # 14
-    status.HTTP_503_SERVICE_UNAVAILABLE: {
-        "model": ErrorOut,
-        "description": "Too many passwords to check at once: try again after Retry-After",
-    }
-}
+def error_answer(status_code: int, description: str) -> dict:  # 14
+    return {status_code: {"model": ErrorOut, "description": description}}
+
+
+BAD_BODY = error_answer(  # 14
+    status.HTTP_400_BAD_REQUEST, "A body that cannot be read as JSON text"
+)
+NOT_AUTHENTICATED = error_answer(  # 14
+    status.HTTP_401_UNAUTHORIZED, "No token, or a token that is expired or invalid"
+)
+NOT_ALLOWED = error_answer(  # 14
+    status.HTTP_403_FORBIDDEN, "A valid token, but the user's role may not do this"
+)
+TOO_LARGE = error_answer(status.HTTP_413_CONTENT_TOO_LARGE, "A request body over 64 KiB")  # 14
+TOO_MANY_FAILURES = error_answer(  # 14
+    status.HTTP_429_TOO_MANY_REQUESTS, "Too many failed logins: try again after Retry-After seconds"
+)
+BUSY = error_answer(  # 14
+    status.HTTP_503_SERVICE_UNAVAILABLE,
+    "Too many passwords to check at once: try again after Retry-After",
+)
 
 
 @app.post(
@@ -371,7 +356,7 @@ BUSY = {  # 14
     dependencies=[Depends(no_store)],  # 9
     responses={  # 14
         **BAD_BODY,
-        status.HTTP_409_CONFLICT: {"model": ErrorOut, "description": "Email taken"},
+        **error_answer(status.HTTP_409_CONFLICT, "Email taken"),
         **TOO_LARGE,
         **BUSY,
     },
@@ -528,10 +513,7 @@ class UserLogin(BaseModel):
     dependencies=[Depends(no_store)],  # 9
     responses={  # 14
         **BAD_BODY,
-        status.HTTP_401_UNAUTHORIZED: {
-            "model": ErrorOut,
-            "description": "Unknown email or wrong password",
-        },
+        **error_answer(status.HTTP_401_UNAUTHORIZED, "Unknown email or wrong password"),
         **TOO_LARGE,
         **TOO_MANY_FAILURES,
         **BUSY,
@@ -642,10 +624,10 @@ class PasswordChange(BaseModel):
     response_model=TokenOut,
     dependencies=[Depends(oauth2_scheme), Depends(no_store)],
     responses={  # 14
-        status.HTTP_400_BAD_REQUEST: {
-            "model": ErrorOut,
-            "description": "Wrong old password, or a body that cannot be read as JSON text",
-        },
+        **error_answer(
+            status.HTTP_400_BAD_REQUEST,
+            "Wrong old password, or a body that cannot be read as JSON text",
+        ),
         **NOT_AUTHENTICATED,
         **TOO_LARGE,
         **BUSY,
@@ -919,10 +901,10 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
     dependencies=[Depends(no_store)],  # 9
     responses={  # 14
         **BAD_BODY,
-        status.HTTP_401_UNAUTHORIZED: {
-            "model": ErrorOut,
-            "description": "A refresh token that is unknown, spent, expired or revoked",
-        },
+        **error_answer(
+            status.HTTP_401_UNAUTHORIZED,
+            "A refresh token that is unknown, spent, expired or revoked",
+        ),
         **TOO_LARGE,
     },
     tags=["8 · Going further"],  # 14
