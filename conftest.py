@@ -37,19 +37,6 @@ HINTS = {
 }
 
 
-# A top-level line that defines or imports a name: def, class, import or assignment.
-DEFINITION = re.compile(r"(?:async def |def |class |import |from \S+ import )?(\w+)")
-
-
-def introduced_in(name: str) -> str | None:
-    """The section of our main.py that defines or imports `name` at the top level, if any."""
-    for section, _, line in steps.owned_lines(steps.MAIN.read_text()):
-        match = DEFINITION.match(line)
-        if match and match[1] == name:
-            return section
-    return None
-
-
 def section_of(test_name: str) -> str | None:
     match = TEST_SECTION.match(test_name)
     if match is None:
@@ -71,7 +58,7 @@ def describe(error: BaseException, traceback) -> str:
         return str(error).split("\nassert ")[0]
     missing = getattr(error, "name", None)
     if isinstance(error, (NameError, AttributeError)) and missing:
-        section = introduced_in(missing)
+        section = steps.introduced_in(steps.MAIN.read_text(), missing)
         if section:
             return f"{section}: {missing} is missing or comes too late; section {section} adds it"
     if isinstance(error, sqlalchemy.exc.DBAPIError):

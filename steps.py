@@ -188,15 +188,31 @@ def core_sizes(text: str, lesson: str | None = None) -> dict[str, int]:
     return sizes
 
 
+def budget_of(name: str) -> int:
+    """The budget of one of core_sizes' measures: a section's lines have the common one."""
+    return BUDGETS.get(name, BUDGETS["lines per section"])
+
+
 def over_budget(sizes: dict[str, int]) -> list[str]:
     """One line for every size past its budget."""
-    over = []
-    for name, size in sizes.items():
-        per_section = name not in BUDGETS and name.endswith(" lines")
-        budget = BUDGETS["lines per section"] if per_section else BUDGETS.get(name)
-        if budget is not None and size > budget:
-            over.append(f"{name}: {size}, budget {budget}")
-    return over
+    return [
+        f"{name}: {size}, budget {budget_of(name)}"
+        for name, size in sizes.items()
+        if size > budget_of(name)
+    ]
+
+
+# A top-level line that defines or imports a name: def, class, import or assignment.
+DEFINITION = re.compile(r"(?:async def |def |class |import |from \S+ import )?(\w+)")
+
+
+def introduced_in(text: str, name: str) -> str | None:
+    """The section that defines or imports `name` at the top level of main.py, if any."""
+    for section, _, line in owned_lines(text):
+        match = DEFINITION.match(line)
+        if match and match[1] == name:
+            return section
+    return None
 
 
 def main(argv: list[str]) -> None:
@@ -207,8 +223,7 @@ def main(argv: list[str]) -> None:
     elif argv == ["--sizes"]:
         sizes = core_sizes(text)
         for name, size in sizes.items():
-            budget = BUDGETS.get(name, BUDGETS["lines per section"])
-            print(f"{name:>16}: {size:5}  (budget {budget})")
+            print(f"{name:>16}: {size:5}  (budget {budget_of(name)})")
         over = over_budget(sizes)
         print("over budget: " + "; ".join(over) if over else "every size is within its budget")
         raise SystemExit(1 if over else 0)
