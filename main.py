@@ -68,8 +68,41 @@ BASE_DIR = Path(__file__).resolve().parent
 ENV_FILE = BASE_DIR / ".env"
 config = Config(RepositoryEnv(ENV_FILE) if ENV_FILE.exists() else RepositoryEmpty())
 
-DATABASE_URL = config("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'clothes.db'}")
-BCRYPT_ROUNDS = config("BCRYPT_ROUNDS", cast=int, default=12)
+
+def refuse_to_start(message: str) -> NoReturn:  # 13
+    # Something the person starting the app must fix: one clear message, no traceback.
+    # Exit status 3 is uvicorn's "cannot start": with --workers, its supervisor stops.
+    print(message, file=sys.stderr)
+    raise SystemExit(3)
+
+
+def number_setting(name: str, default: int, low: int, high: int) -> int:  # 15
+    # "abc", "0" or "-5" stops the app with one line that says what the setting accepts.
+    text = config(name, default=str(default)).strip()
+    if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+        refuse_to_start(f"{name} must be a whole number from {low} to {high}, not {text!r}.")
+    return int(text)
+
+
+def checked_database_url(url: str) -> str:  # 15
+    try:
+        driver = sqlalchemy.make_url(url).drivername
+    except sqlalchemy.exc.ArgumentError:
+        driver = None
+    if driver not in ("sqlite", "postgresql"):
+        # Without the value: a database URL may hold a password.
+        refuse_to_start(
+            "DATABASE_URL must be sqlite:///path/to/file.db or "
+            "postgresql://user:password@host/database."
+        )
+    return url
+
+
+DATABASE_URL = checked_database_url(
+    config("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'clothes.db'}")
+)
+BCRYPT_ROUNDS = number_setting("BCRYPT_ROUNDS", 12, low=4, high=31)
+DATABASE_WAIT_SECONDS = 5  # 15
 
 
 # --- 0 Enums ---
@@ -99,7 +132,20 @@ class UserRolesEnum(enum.Enum):  # 3.1
 
 # --- 0 Tables ---
 
-database = databases.Database(DATABASE_URL)
+
+def database_options() -> dict:  # 15
+    if DATABASE_URL.startswith("sqlite"):
+        # SQLite's busy timeout: how long a write waits while another holds the lock.
+        return {"timeout": DATABASE_WAIT_SECONDS}
+    # PostgreSQL: how long to connect, and how long a query, or a wait for a lock, may take.
+    milliseconds = str(DATABASE_WAIT_SECONDS * 1000)
+    return {
+        "timeout": DATABASE_WAIT_SECONDS,
+        "server_settings": {"statement_timeout": milliseconds, "lock_timeout": milliseconds},
+    }
+
+
+database = databases.Database(DATABASE_URL, **database_options())
 metadata = sqlalchemy.MetaData()
 # A plain (not async) engine, for create_all and the admin command.
 engine = sqlalchemy.create_engine(DATABASE_URL)
@@ -237,23 +283,33 @@ async def lifespan(app: FastAPI):
     engine.dispose()
 
 
+class ErrorOut(BaseModel):  # 14
+    """The body of every error answer: what went wrong, in words."""
+
+    detail: str
+
+
+def error_answer(status_code: int, description: str) -> dict:  # 14
+    return {status_code: {"model": ErrorOut, "description": description}}
+
+
+DATABASE_AWAY = error_answer(  # 15
+    status.HTTP_503_SERVICE_UNAVAILABLE,
+    "The database is not answering: try again after Retry-After",
+)
+
+
 # FastAPIOffline: FastAPI with the files of /docs served by the app, so they work offline.
 app = FastAPIOffline(
     title="Clothes shop - JWT authentication and roles",
     description="Register or log in, click **Authorize** and paste the token.",
     lifespan=lifespan,
     redoc_url=None,  # /redoc loads a logo from another host
+    responses=DATABASE_AWAY,  # 15
 )
 
 
 # --- 1.2 Encode a token ---
-
-
-def refuse_to_start(message: str) -> NoReturn:  # 13
-    # Something the person starting the app must fix: one clear message, no traceback.
-    # Exit status 3 is uvicorn's "cannot start": with --workers, its supervisor stops.
-    print(message, file=sys.stderr)
-    raise SystemExit(3)
 
 
 def load_or_create_secret(path: Path) -> str:  # 13
@@ -284,7 +340,7 @@ def load_or_create_secret(path: Path) -> str:  # 13
 
 
 JWT_SECRET = config("JWT_SECRET", default="")
-JWT_EXPIRES_MINUTES = config("JWT_EXPIRES_MINUTES", cast=int, default=120)
+JWT_EXPIRES_MINUTES = number_setting("JWT_EXPIRES_MINUTES", 120, low=1, high=24 * 60)
 
 if not JWT_SECRET:  # 13
     # A fresh clone must run, and its tokens must survive restarts and work in every worker.
@@ -320,16 +376,6 @@ def no_store(response: Response) -> None:  # 9
     response.headers["Cache-Control"] = "no-store"
 
 
-class ErrorOut(BaseModel):  # 14
-    """The body of every error answer: what went wrong, in words."""
-
-    detail: str
-
-
-def error_answer(status_code: int, description: str) -> dict:  # 14
-    return {status_code: {"model": ErrorOut, "description": description}}
-
-
 BAD_BODY = error_answer(  # 14
     status.HTTP_400_BAD_REQUEST, "A body that cannot be read as JSON text"
 )
@@ -345,7 +391,7 @@ TOO_MANY_FAILURES = error_answer(  # 14
 )
 BUSY = error_answer(  # 14
     status.HTTP_503_SERVICE_UNAVAILABLE,
-    "Too many passwords to check at once: try again after Retry-After",
+    "Too many passwords to check, or the database not answering: try again after Retry-After",
 )
 
 
@@ -367,18 +413,18 @@ async def create_user(user: UserSignIn, request: Request):
     await refuse_easy_password(request, "password", user.password)  # 7
     values = user.model_dump()
     values["password"] = await run_hashing(request, pwd_context.hash, user.password)
-    try:
-        id_ = await database.execute(users.insert().values(**values))
-    except Exception as error:
-        if not is_email_taken(error):
-            raise
-        # The unique column decides, so two requests at once cannot both win.
-        raise HTTPException(status.HTTP_409_CONFLICT, "A user with this email already exists.")
-    new_user = await database.fetch_one(users.select().where(users.c.id == id_))
-    return {
-        "token": create_access_token(new_user),
-        "refresh_token": await start_session(new_user),
-    }
+    # The user and their first refresh token are stored together, or not at all.
+    async with database.transaction():
+        try:
+            id_ = await database.execute(users.insert().values(**values))
+        except Exception as error:
+            if not is_email_taken(error):
+                raise
+            # The unique column decides, so two requests at once cannot both win.
+            raise HTTPException(status.HTTP_409_CONFLICT, "A user with this email already exists.")
+        new_user = await database.fetch_one(users.select().where(users.c.id == id_))
+        refresh_token = await start_session(new_user)
+    return {"token": create_access_token(new_user), "refresh_token": refresh_token}
 
 
 # --- 2.1 The custom HTTPBearer class ---
@@ -741,6 +787,9 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
     # One claim at a time in this worker: a burst of hundreds would otherwise wait on
     # SQLite's write lock past its 5 seconds ("database is locked"). A claim is quick.
     async with claims_one_at_a_time:
+        if time.time() - now > DATABASE_WAIT_SECONDS:  # 15
+            # The claims before this one waited on the database in vain: so would this one.
+            raise TimeoutError(f"waited over {DATABASE_WAIT_SECONDS} s for the claims before it")
         if hashing_line_is_full():  # 12
             # What run_hashing would refuse is refused before it is counted: a user
             # turned away by a busy server has not failed, and a flood writes nothing.
@@ -789,9 +838,9 @@ async def refuse_easy_password(request: Request, field: str, password: str) -> N
 
 # --- 8 Refresh tokens ---
 
-REFRESH_EXPIRES_DAYS = config("REFRESH_EXPIRES_DAYS", cast=int, default=14)
+REFRESH_EXPIRES_DAYS = number_setting("REFRESH_EXPIRES_DAYS", 14, low=1, high=365)
 # However often it is refreshed, a login lasts at most this long: then log in again.
-SESSION_EXPIRES_DAYS = config("SESSION_EXPIRES_DAYS", cast=int, default=30)
+SESSION_EXPIRES_DAYS = number_setting("SESSION_EXPIRES_DAYS", 30, low=1, high=365)
 
 refresh_tokens = sqlalchemy.Table(
     "refresh_tokens",
@@ -1220,6 +1269,95 @@ def create_user_command(connection, args) -> str:
             raise
         raise SystemExit(f"Not created: {user.email} is taken. Use set-role instead.")
     return f"Created {user.email} with role {args.role}."
+
+
+# --- 15 The database stops answering ---
+
+
+SQLITE_AWAY = (
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_READONLY",
+    "SQLITE_FULL",
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+)
+
+
+def is_database_away(error: Exception) -> bool:
+    """Did the database fail to answer (away, locked, full, read-only), not the code?"""
+    if isinstance(error, sqlite3.OperationalError):
+        # "no such column" is an OperationalError too, but a bug: only these are the database's.
+        return error.sqlite_errorname.startswith(SQLITE_AWAY)
+    return isinstance(
+        error,
+        (
+            OSError,  # cannot connect, connection reset; a TimeoutError is an OSError too
+            asyncpg.PostgresConnectionError,  # the connection broke
+            asyncpg.OperatorInterventionError,  # shutting down, starting up, statement_timeout
+            asyncpg.InsufficientResourcesError,  # disk full, too many connections
+            asyncpg.ObjectNotInPrerequisiteStateError,  # lock_timeout, connections not allowed
+            asyncpg.ReadOnlySQLTransactionError,  # a standby, or a read-only database
+        ),
+    )
+
+
+# The routes answering 503 now: one log line as each starts, one as it answers again.
+failing_routes: set[str] = set()
+database_log = logging.getLogger(__name__)
+
+
+class DatabaseAway:
+    """ASGI middleware: while the database cannot answer, 503 with Retry-After, not a 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start" and message["status"] < 400:
+                back_again(scope)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception as error:
+            if started or not is_database_away(error):
+                raise  # a bug: the server logs it with its traceback
+            route = route_of(scope)
+            if route not in failing_routes:
+                failing_routes.add(route)
+                cause = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0][:200]
+                database_log.warning(f"{route}: the database is not answering ({cause}).")
+            response = JSONResponse(
+                {"detail": "The database is not answering: try again in a few seconds."},
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": str(DATABASE_WAIT_SECONDS)},
+            )
+            await response(scope, receive, send)
+
+
+def route_of(scope) -> str:
+    # The route's own path, never the one a client sent: a few names, not one per URL.
+    route = scope.get("route")
+    return f"{scope['method']} {route.path if route else '(no route)'}"
+
+
+def back_again(scope) -> None:
+    route = route_of(scope)
+    if route in failing_routes:
+        failing_routes.discard(route)
+        database_log.warning(f"{route}: the database answers again.")
+
+
+app.add_middleware(DatabaseAway)
 
 
 # --- 5 Run the admin command ---

@@ -227,7 +227,7 @@ def test_steps_refuses_an_unknown_section():
 
 
 def test_env_example_lists_every_setting():
-    read_by_app = set(re.findall(r'config\(\s*"(\w+)"', MAIN))
+    read_by_app = set(re.findall(r'(?:config|number_setting)\(\s*"(\w+)"', MAIN))
     example = (HERE / ".env.example").read_text()
     listed = set(re.findall(r"^#? ?(\w+)=", example, flags=re.MULTILINE))
     assert read_by_app == listed, f"the app reads {read_by_app}, .env.example lists {listed}"

@@ -22,9 +22,11 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1888,18 +1890,18 @@ def test_12_a_body_over_64_kib_is_413(client, db, chunked):
 # --- 13 A new server, an old database --------------------------------------------------------
 
 
-def refused_start(app_dir, capsys, why):
+def refused_start(app_dir, capsys, why, section="13"):
     """What the app printed when it refused to start; a failure if nothing stopped it."""
     capsys.readouterr()
     try:
         load_app(app_dir)
     except SystemExit as stopped:
         assert stopped.code == 3, (
-            f"13: refuse with refuse_to_start (exit status 3, uvicorn's STARTUP_FAILURE, so "
-            f"that --workers stops too), not with exit status {stopped.code!r}"
+            f"{section}: refuse with refuse_to_start (exit status 3, uvicorn's STARTUP_FAILURE, "
+            f"so that --workers stops too), not with exit status {stopped.code!r}"
         )
         return capsys.readouterr().err
-    pytest.fail(f"13: {why} must stop the app", pytrace=False)
+    pytest.fail(f"{section}: {why} must stop the app", pytrace=False)
 
 
 def test_13_a_short_secret_stops_startup_with_exit_status_3_and_advice(
@@ -2235,3 +2237,147 @@ def test_14_openapi_declares_every_error_answer(client):
             )
     error_out = schema["components"]["schemas"]["ErrorOut"]
     assert set(error_out["properties"]) == {"detail"}, "14: ErrorOut holds the detail"
+
+
+# --- 15 The database stops answering ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("JWT_EXPIRES_MINUTES", "abc"),
+        ("JWT_EXPIRES_MINUTES", "0"),
+        ("BCRYPT_ROUNDS", "3"),
+        ("BCRYPT_ROUNDS", "32"),
+        ("REFRESH_EXPIRES_DAYS", "-1"),
+        ("SESSION_EXPIRES_DAYS", "x"),
+    ],
+)
+def test_15_a_wrong_setting_stops_startup_clearly(app_dir, monkeypatch, capsys, name, value):
+    monkeypatch.setenv(name, value)
+    printed = refused_start(app_dir, capsys, f"{name}={value}", section="15")
+    assert name in printed, f"15: name the setting that is wrong; printed {printed!r}"
+    assert "Traceback" not in printed, "15: one clear message, no traceback (number_setting)"
+
+
+def test_15_a_wrong_database_url_is_refused_without_its_password(app_dir, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", "postgres://shop:s3cret-pw@localhost/shop")
+    printed = refused_start(app_dir, capsys, "DATABASE_URL=postgres://…", section="15")
+    assert "DATABASE_URL" in printed and "postgresql://" in printed, (
+        f"15: say what DATABASE_URL accepts (checked_database_url); printed {printed!r}"
+    )
+    assert "s3cret-pw" not in printed, "15: never print a database URL: it holds a password"
+
+
+def database_away(database_url, tmp_path):
+    """The error a driver raises when its database cannot answer: SQLite locked, or no server."""
+    if not database_url.startswith("sqlite"):
+        return ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    waiter = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        waiter.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as locked:
+        return locked
+    finally:
+        holder.close()
+        waiter.close()
+    raise AssertionError("SQLite let two writers in at once")
+
+
+def log_lines(caplog, words):
+    return [record.getMessage() for record in caplog.records if words in record.getMessage()]
+
+
+def test_15_a_database_that_does_not_answer_is_503_and_one_log_line(
+    app_dir, database_url, tmp_path, monkeypatch, caplog
+):
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        token = register(client)
+        answering = module.database.fetch_all
+
+        async def not_answering(*args, **kwargs):
+            raise database_away(database_url, tmp_path)
+
+        monkeypatch.setattr(module.database, "fetch_all", not_answering)
+        with caplog.at_level(logging.WARNING):
+            answers = [client.get("/clothes/", headers=bearer(token)) for _ in range(3)]
+            for answer in answers:
+                expect(answer, 503, "15: a database that cannot answer is a 503 (DatabaseAway)")
+                assert answer.headers.get("retry-after") == "5", "15: say when: Retry-After"
+                assert answer.json() == {
+                    "detail": "The database is not answering: try again in a few seconds."
+                }, f"15: say what is wrong, got {answer.json()}"
+            away = log_lines(caplog, "not answering")
+            assert len(away) == 1 and away[0].startswith("GET /clothes/: "), (
+                f"15: one log line, naming the route, for three failures; logged {away}"
+            )
+            monkeypatch.setattr(module.database, "fetch_all", answering)
+            expect(client.get("/clothes/", headers=bearer(token)), 200, "15: back by itself")
+            back = log_lines(caplog, "answers again")
+            assert back == ["GET /clothes/: the database answers again."], (
+                f"15: one log line when the route answers again; logged {back}"
+            )
+
+
+def test_15_a_bug_is_still_a_500_with_its_traceback(app_dir, monkeypatch):
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        token = register(client)
+
+        async def bug(*args, **kwargs):
+            sqlite3.connect(":memory:").execute("SELECT no_such_column")
+
+        monkeypatch.setattr(module.database, "fetch_all", bug)
+        # TestClient raises what the server would log with its traceback.
+        with pytest.raises(sqlite3.OperationalError, match="no such column"):
+            client.get("/clothes/", headers=bearer(token))
+
+
+def test_15_a_registration_that_fails_halfway_stores_no_user(
+    app_dir, db, database_url, tmp_path, monkeypatch
+):
+    module = load_app(app_dir)
+
+    async def not_answering(user):
+        raise database_away(database_url, tmp_path)
+
+    patch_app(monkeypatch, module, "start_session", not_answering)
+    with TestClient(module.app, raise_server_exceptions=False) as client:
+        expect(client.post("/register", json=BODY), 503, "15: the database failed: 503")
+    assert rows(db, "SELECT id FROM users") == [], (
+        "15: the user and its refresh token are stored in one transaction, or neither is"
+    )
+
+
+def test_15_waits_for_the_database_are_bounded(app_dir, database_url):
+    module = load_app(app_dir)
+
+    async def waits():
+        await module.database.connect()
+        try:
+            if database_url.startswith("sqlite"):
+                return [await module.database.fetch_val("PRAGMA busy_timeout")]
+            shown = ["SHOW statement_timeout", "SHOW lock_timeout"]
+            return [await module.database.fetch_val(query) for query in shown]
+        finally:
+            await module.database.disconnect()
+
+    expected = [5000] if database_url.startswith("sqlite") else ["5s", "5s"]
+    assert asyncio.run(waits()) == expected, (
+        "15: a query waits for the database at most DATABASE_WAIT_SECONDS (database_options)"
+    )
+
+
+def test_15_openapi_declares_503_on_every_route(client):
+    schema = client.get("/openapi.json").json()
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            answer = operation["responses"].get("503", {})
+            content = answer.get("content", {}).get("application/json", {})
+            assert content.get("schema") == {"$ref": "#/components/schemas/ErrorOut"}, (
+                f"15: {method.upper()} {path} should declare its 503 (responses= of the app)"
+            )
