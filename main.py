@@ -20,6 +20,7 @@ import sys  # 13
 import tempfile  # 13
 import time  # 7
 import traceback  # 13
+import unicodedata  # 11
 from concurrent.futures import ThreadPoolExecutor  # 12
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -137,11 +138,13 @@ def database_options() -> dict:  # 15
     if DATABASE_URL.startswith("sqlite"):
         # SQLite's busy timeout: how long a write waits while another holds the lock.
         return {"timeout": DATABASE_WAIT_SECONDS}
-    # PostgreSQL: how long to connect, and how long a query, or a wait for a lock, may take.
-    milliseconds = str(DATABASE_WAIT_SECONDS * 1000)
+    # PostgreSQL: how long to connect, and how long a query may take, waits for locks too.
+    # min_size 0: no connections kept for nothing, which asyncpg would reconnect in the
+    # background while the database is away, logging a traceback each time.
     return {
         "timeout": DATABASE_WAIT_SECONDS,
-        "server_settings": {"statement_timeout": milliseconds, "lock_timeout": milliseconds},
+        "min_size": 0,
+        "server_settings": {"statement_timeout": str(DATABASE_WAIT_SECONDS * 1000)},
     }
 
 
@@ -226,7 +229,9 @@ Email = Annotated[EmailStr, AfterValidator(str.lower), Field(max_length=120)]
 def no_control_characters(text: str) -> str:  # 10
     # NUL, tab, newline and the other C0 controls have no place in a name or a phone
     # number, and PostgreSQL refuses NUL outright: a 422 here, not a 500 there.
-    if any(ord(character) < 32 for character in text):
+    # Nor do Unicode's other controls (Cc), its invisible formats (Cf: the right-to-left
+    # override shows "\u202egnp.exe" as "exe.png"), or its line separators (Zl, Zp).
+    if any(unicodedata.category(character) in ("Cc", "Cf", "Zl", "Zp") for character in text):
         raise ValueError("must not contain control characters")
     # Half a UTF-16 pair ("\ud800") is valid JSON, and a command-line argument can carry
     # one too: no database can store it.
@@ -1296,7 +1301,7 @@ def is_database_away(error: Exception) -> bool:
             asyncpg.PostgresConnectionError,  # the connection broke
             asyncpg.OperatorInterventionError,  # shutting down, starting up, statement_timeout
             asyncpg.InsufficientResourcesError,  # disk full, too many connections
-            asyncpg.ObjectNotInPrerequisiteStateError,  # lock_timeout, connections not allowed
+            asyncpg.ObjectNotInPrerequisiteStateError,  # connections not allowed
             asyncpg.ReadOnlySQLTransactionError,  # a standby, or a read-only database
         ),
     )

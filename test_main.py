@@ -1673,6 +1673,31 @@ def test_11_rows_from_before_the_rules_still_list(client, db):
     assert response.json()[0]["photo_url"] == "u"
 
 
+# Text that displays or splits as something else: Unicode's Cc, Cf, Zl and Zp.
+LOOK_ALIKE_TEXT = {
+    "next-line": {"full_name": "Ada\x85Injected: line"},  # splitlines() splits here
+    "right-to-left-override": {"full_name": "\u202egnp.exe"},  # shows as "exe.png"
+    "zero-width-space": {"full_name": "Ada\u200bLovelace"},
+    "line-separator": {"full_name": "Ada\u2028Lovelace"},
+    "paragraph-separator": {"full_name": "Ada\u2029Lovelace"},
+    "delete": {"phone": "555\x7f1234"},
+}
+
+
+def test_11_text_that_looks_like_something_else_is_422(client, db):
+    expect_422_and_no_user(client, db, LOOK_ALIKE_TEXT, "11: PlainText refuses Cc, Cf, Zl and Zp")
+    body = {**BODY, "full_name": "\u202egnp.exe"}
+    detail = client.post("/register", json=body).json()["detail"]
+    assert [error["loc"] for error in detail] == [["body", "full_name"]], (
+        f"11: the 422 names the field, got {detail}"
+    )
+
+
+def test_11_clothes_names_that_look_like_something_else_are_422(client, db):
+    changes = {"right-to-left-override": {"name": "\u202egnp.exe"}, "next-line": {"name": "A\x85B"}}
+    expect_422_and_no_clothes(client, db, changes, "11: ClothesIn's name is PlainText")
+
+
 def test_11_commands_take_an_email_in_any_letter_case(app_dir, db, monkeypatch, capsys):
     with TestClient(load_app(app_dir).app) as client:
         token = register(client)
@@ -2361,12 +2386,11 @@ def test_15_waits_for_the_database_are_bounded(app_dir, database_url):
         try:
             if database_url.startswith("sqlite"):
                 return [await module.database.fetch_val("PRAGMA busy_timeout")]
-            shown = ["SHOW statement_timeout", "SHOW lock_timeout"]
-            return [await module.database.fetch_val(query) for query in shown]
+            return [await module.database.fetch_val("SHOW statement_timeout")]
         finally:
             await module.database.disconnect()
 
-    expected = [5000] if database_url.startswith("sqlite") else ["5s", "5s"]
+    expected = [5000] if database_url.startswith("sqlite") else ["5s"]
     assert asyncio.run(waits()) == expected, (
         "15: a query waits for the database at most DATABASE_WAIT_SECONDS (database_options)"
     )
