@@ -8,9 +8,12 @@ there, starts `uvicorn main:app` on 127.0.0.1, attacks it over HTTP from this pr
 --workers 4`: on SQLite with no secret set, and on the PostgreSQL database
 TEST_DATABASE_URL names, if set (it drops its public schema). Then `--workers 2` with
 bcrypt's default cost, for the timings of the hashing line and of the login throttle
-(lesson sections 12 and 7).
+(lesson sections 12 and 7). Then a database that stops answering (section 15): SQLite
+locked by another process, SQLite read-only, and on PostgreSQL a table locked and the
+server stopped for 5 s (through PG_CTL, which .ci/run sets): 503, never a 500 or a hang.
 Then starts the app must refuse (a short secret, a .jwt_secret that is not text, a
-users table from part 3), alone and with --workers 2: one message, no traceback, stop.
+users table from part 3, a number setting out of range, a wrong DATABASE_URL), alone
+and with --workers 2: one message, no traceback, stop.
 One line per check, then "N passed, M failed"; exit 1 if any failed.
 """
 
@@ -20,8 +23,10 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import secrets
 import select
+import shlex
 import shutil
 import socket
 import sqlite3
@@ -927,8 +932,12 @@ def listening(port):
         return False
 
 
-def refused_start(name, workdir, words, workers=1, **settings):
-    """uvicorn main:app must stop by itself: one message naming words, no traceback."""
+def refused_start(name, workdir, words, workers=1, hidden=(), one_line=False, **settings):
+    """uvicorn main:app must stop by itself: one message naming words, no traceback.
+
+    hidden: words the log must not show (a password); one_line: the log is that message
+    alone, on one line.
+    """
     server = launch(workdir, workers, **settings)
     started = time.monotonic()
     try:
@@ -939,16 +948,23 @@ def refused_start(name, workdir, words, workers=1, **settings):
         status, seen = None, "still running after 20 s: stopped it"
     log = server_log(server)
     missing, tracebacks = [word for word in words if word not in log], log.count("Traceback")
+    shown = [word for word in hidden if word in log]
+    lines = len([line for line in log.splitlines() if line.strip()])
     if workers == 1:
         stopped = status == 3  # uvicorn's STARTUP_FAILURE
     else:  # uvicorn 0.54's supervisor stops, but with exit status 0: any status will do
         left = listening(server.port)
         stopped = status is not None and not left
         seen += f" (uvicorn's parent), {'something' if left else 'nothing'} left on its port"
+    seen += f", {said(words, missing)}, {tracebacks} tracebacks"
+    if hidden:
+        seen += f", shows {shown}" if shown else f", does not show {list(hidden)}"
+    if one_line:
+        seen += f", {lines} lines"
     report(
         f"refuse: {name}",
-        stopped and not missing and not tracebacks,
-        f"{seen}, {said(words, missing)}, {tracebacks} tracebacks",
+        stopped and not missing and not tracebacks and not shown and (lines == 1 or not one_line),
+        seen,
     )
 
 
@@ -1006,6 +1022,324 @@ def refused_old_schema():
     refused_command(f"{name}, set-role", workdir, command, words, JWT_SECRET=SECRET)
 
 
+def refused_settings():
+    """Section 15: a number setting that is no number or out of range; a wrong URL."""
+    workdir = new_workdir()
+    cases = [("JWT_EXPIRES_MINUTES", "abc"), ("BCRYPT_ROUNDS", "3"), ("BCRYPT_ROUNDS", "32")]
+    cases += [("JWT_EXPIRES_MINUTES", "0"), ("REFRESH_EXPIRES_DAYS", "-1")]
+    cases += [("SESSION_EXPIRES_DAYS", "x")]
+    for setting, value in cases:
+        settings = {"JWT_SECRET": SECRET, setting: value}
+        refused_start(f"{setting}={value}", workdir, [setting], one_line=True, **settings)
+    # What some hosts hand out; SQLAlchemy 2 wants postgresql://. Its password stays unsaid.
+    url = "postgres://u:secret@h/db"
+    settings = {"JWT_SECRET": SECRET, "DATABASE_URL": url}
+    name = f"DATABASE_URL={url}"
+    refused_start(name, workdir, ["DATABASE_URL"], hidden=["secret"], one_line=True, **settings)
+
+
+# --- Section 15: the database stops answering -----------------------------------
+
+AWAY = "the database is not answering"
+BACK = "the database answers again"
+AWAY_SECONDS = 7  # the app waits 5 s (DATABASE_WAIT_SECONDS): 7 s is not a hang
+
+
+def timed_exchange(server, method, path, body=None, token=None):
+    """One request: (status, its Retry-After, seconds it took); status None if no answer."""
+    started = time.monotonic()
+    try:
+        status, _, headers = exchange(server, method, path, body, token)
+        retry_after = headers.get("Retry-After")
+    except OSError:
+        status, retry_after = None, None
+    return status, retry_after, time.monotonic() - started
+
+
+def answered_away(answer):
+    """A 503 with a Retry-After in whole seconds, within AWAY_SECONDS."""
+    status, retry_after, seconds = answer
+    return status == 503 and (retry_after or "").isdigit() and seconds < AWAY_SECONDS
+
+
+def shown(answer):
+    status, retry_after, seconds = answer
+    return f"{status}{f' Retry-After {retry_after}' if retry_after else ''} in {seconds:.1f} s"
+
+
+def lines_by_route(log, words):
+    """How many log lines say words, for each route they name: {"POST /login": 1}."""
+    found = re.findall(rf"([A-Z]+ /\S*): {words}", log)
+    return {route: found.count(route) for route in sorted(set(found))}
+
+
+def away_log(server, name, routes, since=0):
+    """Its log from since says AWAY once for each of these routes, then BACK; no traceback."""
+    log = server_log(server)[since:]
+    away, back = lines_by_route(log, AWAY), lines_by_route(log, BACK)
+    tracebacks, which = tracebacks_in(log)
+    report(
+        f"{name}: the log says '{AWAY}' once a route, then '{BACK}', no traceback",
+        away == routes and back == routes and not tracebacks,
+        f"'{AWAY}' {away}; '{BACK}' {back}; {which}",
+    )
+
+
+def tracebacks_in(log):
+    """How many tracebacks a log holds, and in words, with the line that came before the first."""
+    lines = log.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("Traceback")), None)
+    if first is None:
+        return 0, "0 tracebacks"
+    count = sum(line.startswith("Traceback") for line in lines)
+    before = lines[first - 1][:100] if first else ""
+    return count, f"{count} tracebacks, the first after {before!r}"
+
+
+def keep_reading(server, token, seconds, every=0.5, done=None):
+    """GET /clothes/ every `every` s for `seconds` or until done: [(sent, status, Retry-After)]."""
+    seen, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline and len(seen) < seconds / every + 1:
+        if done is not None and done.is_set():
+            break
+        sent = time.monotonic()
+        status, retry_after, _ = timed_exchange(server, "GET", "/clothes/", token=token)
+        seen.append((sent, status, retry_after))
+        time.sleep(max(0.0, every - (time.monotonic() - sent)))
+    return seen
+
+
+def counted(statuses):
+    return {code: statuses.count(code) for code in sorted(set(statuses), key=str)}
+
+
+def sqlite_write_lock():
+    """Another process holds SQLite's write lock for 8 s: writes 503 within 7 s, reads 200."""
+    workdir = new_workdir()
+    (workdir / ".env").write_text(f"JWT_SECRET={SECRET}\nBCRYPT_ROUNDS=4\n")
+    name = "SQLite write lock held 8 s"
+    server = start_server(workdir)
+    token = registered(server, USER["email"])
+    emails = ["locked1@example.com", "locked2@example.com"]
+    tasks = [
+        functools.partial(timed_exchange, server, "POST", "/register", {**USER, "email": email})
+        for email in emails
+    ]
+    tasks.append(functools.partial(timed_exchange, server, "POST", "/login", LOGIN))
+    tasks.append(functools.partial(keep_reading, server, token, 6))
+    # To the server, this process is another process: it waits for the lock as for any.
+    holder = sqlite3.connect(workdir / "clothes.db", isolation_level=None, timeout=10)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, until the ROLLBACK
+        locked = time.monotonic()
+        *writes, reads = together(tasks)
+        time.sleep(max(0.0, locked + 8 - time.monotonic()))
+    finally:
+        holder.close()  # rolls back, and so lets go of the lock
+    what = ["register", "register", "login"]
+    report(
+        f"{name}: 2 registrations and a login answer 503 with Retry-After within 7 s",
+        all(map(answered_away, writes)),
+        "; ".join(f"{w} {shown(answer)}" for w, answer in zip(what, writes, strict=True)),
+    )
+    statuses = [status for _, status, _ in reads]
+    report(
+        f"{name}: GET /clothes/ answers 200 meanwhile",
+        bool(statuses) and statuses == [200] * len(statuses),
+        f"statuses {counted(statuses)}",
+    )
+    no_user_left(workdir, name, emails)
+    writes_again(server, f"{name}: once it is let go", emails[0])
+    stop_server(server)
+    away_log(server, name, {"POST /login": 1, "POST /register": 1})
+
+
+def writes_again(server, name, email):
+    """Register email (201) and log in (200): the app answers again by itself."""
+    after = timed_exchange(server, "POST", "/register", {**USER, "email": email})
+    login = timed_exchange(server, "POST", "/login", LOGIN)
+    report(
+        f"{name}, register 201 and login 200, no restart",
+        (after[0], login[0]) == (201, 200),
+        f"register {shown(after)}, login {shown(login)}",
+    )
+
+
+def no_user_left(workdir, name, emails):
+    database_url = f"sqlite:///{workdir / 'clothes.db'}"
+    listed = ", ".join(f"'{email}'" for email in emails)
+    rows = scalar(database_url, f"SELECT count(*) FROM users WHERE email IN ({listed})")
+    report(f"{name}: the failed registrations left no user row", rows == 0, f"{rows} rows")
+
+
+def read_only_prefix():
+    """The command that starts a server for which a file's mode 0444 means read-only.
+
+    Root writes whatever the mode (CAP_DAC_OVERRIDE): setpriv starts uvicorn without that
+    capability, and with CAP_DAC_READ_SEARCH, so it still reads any file and finds the
+    virtual environment. Anyone else needs no prefix. None if root has no setpriv.
+    """
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv") is None:
+        return None
+    return ("setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override", "--")
+
+
+def set_mode(workdir, mode):
+    """clothes.db and its -wal and -shm, as they are now."""
+    for path in workdir.glob("clothes.db*"):
+        path.chmod(mode)
+
+
+def sqlite_read_only():
+    """clothes.db turns read-only while the server runs: reads 200, writes 503, no traceback.
+
+    Read-only from the start, the app would refuse to start: it creates its tables.
+    """
+    name = "SQLite database read-only"
+    prefix = read_only_prefix()
+    if prefix is None:
+        return report(name, False, "running as root, and no setpriv (util-linux) to drop root")
+    workdir = new_workdir()
+    (workdir / ".env").write_text(f"JWT_SECRET={SECRET}\nBCRYPT_ROUNDS=4\n")
+    server = start_server(workdir, prefix)
+    token = registered(server, USER["email"])
+    email = "read-only@example.com"
+    try:
+        set_mode(workdir, 0o444)
+        reads = [works(server, token) for _ in range(3)]
+        writes = [timed_exchange(server, "POST", "/register", {**USER, "email": email})]
+        writes.append(timed_exchange(server, "POST", "/login", LOGIN))
+        reads += [works(server, token) for _ in range(3)]
+    finally:
+        set_mode(workdir, 0o644)  # a -wal or -shm made meanwhile too
+    report(
+        f"{name}: GET /clothes/ answers 200, before and after the writes",
+        reads == [200] * 6,
+        f"statuses {counted(reads)}",
+    )
+    report(
+        f"{name}: register and login answer 503 with Retry-After",
+        all(map(answered_away, writes)),
+        f"register {shown(writes[0])}; login {shown(writes[1])}",
+    )
+    no_user_left(workdir, name, [email])
+    writes_again(server, f"{name}: writable again", email)
+    stop_server(server)
+    away_log(server, name, {"POST /login": 1, "POST /register": 1})
+
+
+def postgresql_away(database_url):
+    """Section 15 on PostgreSQL, one worker: a lock held past statement_timeout, then a stop."""
+    workdir = new_workdir()
+    settings = {"DATABASE_URL": database_url, "JWT_SECRET": SECRET, "BCRYPT_ROUNDS": "4"}
+    empty_schema(database_url)
+    server = start_server(workdir, **settings)
+    token = registered(server, USER["email"])
+    postgresql_lock(server, database_url, token)
+    if os.environ.get("PG_CTL"):
+        postgresql_stopped(server, token, shlex.split(os.environ["PG_CTL"]))
+    else:
+        print("SKIP  PostgreSQL stopped for 5 s: PG_CTL is not set (.ci/run sets it)", flush=True)
+    stop_server(server)
+
+
+def postgresql_lock(server, database_url, token):
+    """Another connection holds users in ACCESS EXCLUSIVE mode for 10 s: 503 within 7 s."""
+    name = "PostgreSQL, users locked 10 s"
+    since = len(server_log(server))
+    holding, failed = threading.Event(), []
+
+    def hold():
+        engine = sqlalchemy.create_engine(database_url)
+        try:
+            with engine.begin() as connection:
+                lock = "LOCK TABLE users IN ACCESS EXCLUSIVE MODE"
+                connection.execute(sqlalchemy.text(lock))
+                holding.set()
+                connection.execute(sqlalchemy.text("SELECT pg_sleep(10)"))
+        except sqlalchemy.exc.SQLAlchemyError as error:
+            failed.append(str(error).splitlines()[0])
+        finally:
+            engine.dispose()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    answer = (None, None, 0.0)
+    if holding.wait(timeout=10):
+        answer = timed_exchange(server, "GET", "/clothes/", token=token)
+    holder.join(timeout=30)
+    if failed or not holding.is_set():
+        return report(name, False, f"could not hold the lock: {failed or 'no lock in 10 s'}")
+    report(
+        f"{name}: GET /clothes/ answers 503 with Retry-After within 7 s, no hang",
+        answered_away(answer),
+        shown(answer),
+    )
+    after = timed_exchange(server, "GET", "/clothes/", token=token)
+    report(f"{name}: once it is let go, GET /clothes/ 200", after[0] == 200, shown(after))
+    away_log(server, name, {"GET /clothes/": 1}, since)
+
+
+def pg_ctl(command, *action):
+    """Run pg_ctl (command: PG_CTL's words) on the test cluster: '' if it worked."""
+    try:
+        run = subprocess.run([*command, *action], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return f"pg_ctl {action[0]}: still running after 60 s"
+    output = (run.stdout + run.stderr).strip().splitlines()
+    return "" if run.returncode == 0 else f"pg_ctl {action[0]}: {output[-1:]}"
+
+
+def postgresql_stopped(server, token, command):
+    """PostgreSQL stopped for 5 s under 10 reads a second: 200 or 503, never a 500."""
+    name = "PostgreSQL stopped for 5 s, 10 reads a second"
+    since = len(server_log(server))
+    seen, done = [], threading.Event()
+    reader = threading.Thread(
+        target=lambda: seen.extend(keep_reading(server, token, 30, 0.1, done))
+    )
+    reader.start()
+    time.sleep(1)
+    try:
+        problems = [pg_ctl(command, "stop", "-m", "fast")]
+        time.sleep(5)
+    finally:
+        problems.append(pg_ctl(command, "start"))  # whatever happened: later checks need it
+        up = time.monotonic()
+    time.sleep(2)
+    done.set()
+    reader.join(timeout=30)
+    problems = [problem for problem in problems if problem]
+    if problems:
+        return report(name, False, "; ".join(problems))
+    statuses = [status for _, status, _ in seen]
+    wrong = [(s, r) for _, s, r in seen if s != 200 and not (s == 503 and (r or "").isdigit())]
+    report(
+        f"{name}: each 200, or 503 with Retry-After",
+        statuses.count(503) > 0 and not wrong,
+        f"statuses {counted(statuses)}" + (f"; wrong: {wrong[:3]}" if wrong else ""),
+    )
+    after = [status for sent, status, _ in seen if sent > up + 1]
+    first = next((sent - up for sent, status, _ in seen if sent > up and status == 200), None)
+    report(
+        f"{name}: reads 200 again after the start, the app not restarted",
+        server.poll() is None and bool(after) and after == [200] * len(after),
+        f"the first 200 {'never' if first is None else f'{first:.1f} s'} after the start; "
+        f"from 1 s after it, statuses {counted(after)}; "
+        f"server {'running' if server.poll() is None else 'stopped'}",
+    )
+    log = server_log(server)[since:]
+    away, back = lines_by_route(log, AWAY), lines_by_route(log, BACK)
+    tracebacks, which = tracebacks_in(log)
+    report(
+        f"{name}: the log says '{AWAY}' and '{BACK}' once or twice, no traceback",
+        1 <= sum(away.values()) <= 2 and 1 <= sum(back.values()) <= 2 and not tracebacks,
+        f"'{AWAY}' {away}; '{BACK}' {back}; {which}",
+    )
+
+
 def main():
     global APP_FILE
     parser = argparse.ArgumentParser(description="Live checks against uvicorn main:app.")
@@ -1047,12 +1381,16 @@ def main():
         report("no traceback in the server log", tracebacks == 0, f"{tracebacks} found")
         workers_share_one_secret()
         default_cost_workers()
+        sqlite_write_lock()
+        sqlite_read_only()
         if os.environ.get("TEST_DATABASE_URL"):
             postgresql_workers(os.environ["TEST_DATABASE_URL"])
+            postgresql_away(os.environ["TEST_DATABASE_URL"])
         else:
             print("SKIP  PostgreSQL with 4 workers: TEST_DATABASE_URL is not set", flush=True)
         refused_secrets()
         refused_old_schema()
+        refused_settings()
         logs = [workdir / "server.log" for workdir in workdirs]
         found = sum(log.read_text().count("Traceback") for log in logs if log.exists())
         report(f"no traceback in any of the {len(logs)} server logs", found == 0, f"{found} found")

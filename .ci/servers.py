@@ -33,12 +33,16 @@ def environment(**settings):
     return {**{k: v for k, v in os.environ.items() if k not in SETTINGS}, **settings}
 
 
-def launch(workdir, workers=1, **settings):
-    """uvicorn main:app in workdir, on a free port; its log goes to workdir/server.log."""
+def launch(workdir, workers=1, prefix=(), **settings):
+    """uvicorn main:app in workdir, on a free port; its log goes to workdir/server.log.
+
+    prefix: a command that execs the rest, such as setpriv: the server's process id stays
+    that of uvicorn.
+    """
     port = free_port()
     log_file = workdir / "server.log"
     log_start = log_file.stat().st_size if log_file.exists() else 0
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
+    command = [*prefix, sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--workers", str(workers)]
     with open(log_file, "a") as log:
         server = subprocess.Popen(
@@ -64,8 +68,8 @@ def answers(server):
         connection.close()
 
 
-def start_server(workdir, **settings):
-    server = launch(workdir, **settings)
+def start_server(workdir, prefix=(), **settings):
+    server = launch(workdir, prefix=prefix, **settings)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
