@@ -681,6 +681,7 @@ class PasswordChange(BaseModel):
         ),
         **NOT_AUTHENTICATED,
         **TOO_LARGE,
+        **TOO_MANY_FAILURES,
         **BUSY,
     },
     tags=["6 · Going further"],  # 14
@@ -689,8 +690,11 @@ class PasswordChange(BaseModel):
 async def change_password(change: PasswordChange, request: Request):
     user = request.state.user
     await refuse_easy_password(request, "new_password", change.new_password)  # 7
+    address = client_address(request)  # 7
+    await claim_attempt(request, user["email"], address)  # 7
     if not await run_hashing(request, pwd_context.verify, change.old_password, user["password"]):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Incorrect password.")
+    await forget_failures(user["email"], address)  # 7
     new_hash = await run_hashing(request, pwd_context.hash, change.new_password)
     # Only if the token is still current: a logout or another change may have come
     # while we were hashing. The check and the write are one statement, so no race.

@@ -1136,6 +1136,18 @@ def test_7_after_five_failures_in_a_row_429_with_no_hash(client, monkeypatch, em
     assert checks == [], "7: check the throttle before any hash (check_throttle first)"
 
 
+def test_7_a_stolen_token_guesses_old_passwords_no_faster_than_login(client, db):
+    # A thief with Ada's token tries old passwords at /password: each wrong one is a failure.
+    token = register(client)
+    for _ in range(5):
+        expect(change_password(client, token, old="wrong horse"), 400, "7")
+    expect_429(change_password(client, token), "7: a wrong old password counts as a failed login")
+    expect_429(client.post("/login", json=RIGHT), "7: the same throttle as /login")
+    run_sql(db, "UPDATE failed_logins SET failed_at = failed_at - 60")  # the wait is over
+    expect(change_password(client, token), 200, "7: then the right old password gets through")
+    assert rows(db, "SELECT * FROM failed_logins") == [], "7: and clears that pair's failures"
+
+
 def test_7_guesses_sent_at_once_all_count(client, db):
     register(client)
     with ThreadPoolExecutor(max_workers=20) as pool:
@@ -2242,7 +2254,7 @@ ERRORS = {
     "POST /clothes/": {"400", "401", "403", "413"},
     "POST /login": {"400", "401", "413", "429", "503"},
     "POST /logout": {"401"},
-    "POST /password": {"400", "401", "413", "503"},
+    "POST /password": {"400", "401", "413", "429", "503"},
     "POST /refresh": {"400", "401", "413"},
 }
 
