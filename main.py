@@ -964,6 +964,7 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
             "A refresh token that is unknown, spent, expired or revoked",
         ),
         **TOO_LARGE,
+        **error_answer(status.HTTP_429_TOO_MANY_REQUESTS, "Too many refreshes of one login"),
     },
     tags=["8 · Going further"],  # 14
     summary="8 Trade a refresh token for a new pair of tokens",  # 14
@@ -994,6 +995,7 @@ async def refresh(body: RefreshIn):
             .returning(*refresh_tokens.c)
         )
         if spent is not None:
+            await check_refresh_rate(spent["family"], now)  # 12
             token, new_id = await store_refresh_token(
                 user_id=spent["user_id"],
                 family=spent["family"],
@@ -1006,6 +1008,7 @@ async def refresh(body: RefreshIn):
                 .where(refresh_tokens.c.id == spent["id"])
                 .values(replaced_by=new_id)
             )
+            await forget_spent_tokens(spent["family"])  # 12
     if spent is None:
         await refuse_refresh(token_hash, now)
     # The version the family was made under, not a fresh read: a logout that lands
@@ -1124,6 +1127,56 @@ def note_failure(address: str) -> None:
     if len(failed_from) > 10_000:  # keep it small: forget the addresses older than an hour
         for old in [key for key, when in failed_from.items() if when < now - 3600]:
             del failed_from[old]
+
+
+# A refresh costs no hash: a client could refresh hundreds of times a second, a new row each
+# time. A family may refresh MAX_REFRESHES times in REFRESH_WINDOW, and keeps that many
+# spent tokens: enough to count its refreshes, and to catch a recent one coming back.
+MAX_REFRESHES = 10  # one every 15 minutes is all a client needs
+REFRESH_WINDOW = timedelta(minutes=10)
+
+
+async def check_refresh_rate(family: str, now: datetime) -> None:
+    # The family's spent tokens, latest first, this one among them: the one MAX_REFRESHES
+    # back must be older than the window.
+    oldest = await database.fetch_val(
+        sqlalchemy.select(refresh_tokens.c.spent_at)
+        .where(refresh_tokens.c.family == family, refresh_tokens.c.spent_at.is_not(None))
+        .order_by(refresh_tokens.c.spent_at.desc())
+        .offset(MAX_REFRESHES)
+        .limit(1)
+    )
+    if oldest is None:
+        return
+    if oldest.tzinfo is None:  # SQLite gives back UTC without saying so
+        oldest = oldest.replace(tzinfo=timezone.utc)
+    wait = math.ceil((oldest + REFRESH_WINDOW - now).total_seconds())
+    if wait > 0:
+        # Raised inside refresh's transaction: the token stays unspent, to be used later.
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"Too many refreshes: try again in {wait} s.",
+            headers={"Retry-After": str(wait)},
+        )
+
+
+async def forget_spent_tokens(family: str) -> None:
+    # Older spent tokens go, so a family keeps a few rows, not one per refresh. One of
+    # them coming back is refused as unknown, but no longer ends the family.
+    latest = (
+        sqlalchemy.select(refresh_tokens.c.id)
+        .where(refresh_tokens.c.family == family, refresh_tokens.c.spent_at.is_not(None))
+        .order_by(refresh_tokens.c.id.desc())
+        .limit(MAX_REFRESHES + 1)
+    )
+    await database.execute(
+        refresh_tokens.delete().where(
+            refresh_tokens.c.family == family,
+            refresh_tokens.c.spent_at.is_not(None),
+            refresh_tokens.c.family_ended_at.is_(None),
+            refresh_tokens.c.id.not_in(latest),
+        )
+    )
 
 
 MAX_BODY_BYTES = 64 * 1024  # the forms of this app are a few hundred bytes

@@ -1924,6 +1924,52 @@ def test_12_a_body_over_64_kib_is_413(client, db, chunked):
     assert rows(db, "SELECT id FROM users") == []
 
 
+def refresh_chain(client, token, times):
+    """Refresh `times` times in a row; the last answer and the refresh token to use next."""
+    for _ in range(times):
+        answer = refresh(client, token)
+        if answer.status_code != 200:
+            return answer, token
+        token = answer.json()["refresh_token"]
+    return answer, token
+
+
+def spent_long_ago(db):
+    table = reflected(db, "refresh_tokens")
+    with db.begin() as connection:
+        past = datetime.now(timezone.utc) - timedelta(minutes=11)
+        connection.execute(
+            table.update().where(table.c.spent_at.is_not(None)).values(spent_at=past)
+        )
+
+
+def test_12_a_login_refreshes_at_most_10_times_in_10_minutes(client, db):
+    register(client)
+    answer, token = refresh_chain(client, log_in_for_a_pair(client)["refresh_token"], 11)
+    expect(answer, 429, "12: the 11th refresh in 10 minutes is refused (check_refresh_rate)")
+    seconds = answer.headers.get("retry-after", "")
+    assert seconds.isdigit() and 590 <= int(seconds) <= 600, (
+        f"12: Retry-After says when the oldest of the 10 is 10 minutes old, got {seconds!r}"
+    )
+    assert answer.json() == {"detail": f"Too many refreshes: try again in {seconds} s."}
+    spent_long_ago(db)
+    expect(refresh(client, token), 200, "12: the refused token stays unspent, for later")
+
+
+def test_12_a_login_keeps_only_its_last_spent_tokens(client, db):
+    register(client)
+    token = log_in_for_a_pair(client)["refresh_token"]
+    for _ in range(3):
+        answer, token = refresh_chain(client, token, 10)
+        expect(answer, 200, "12")
+        spent_long_ago(db)
+    spent = [row for row in refresh_rows(db) if row["spent_at"] is not None]
+    assert len(spent) == 11, (
+        f"12: 30 refreshes keep the last 11 spent tokens, not {len(spent)} (forget_spent_tokens)"
+    )
+    expect(refresh(client, token), 200, "12: the latest token still works")
+
+
 # --- 13 A new server, an old database --------------------------------------------------------
 
 
@@ -2255,7 +2301,7 @@ ERRORS = {
     "POST /login": {"400", "401", "413", "429", "503"},
     "POST /logout": {"401"},
     "POST /password": {"400", "401", "413", "429", "503"},
-    "POST /refresh": {"400", "401", "413"},
+    "POST /refresh": {"400", "401", "413", "429"},
 }
 
 
