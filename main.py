@@ -10,6 +10,7 @@ import asyncio  # 7
 import enum
 import getpass  # 13
 import hashlib  # 8
+import ipaddress  # 7
 import logging  # 8
 import math  # 7
 import os  # 12
@@ -58,6 +59,8 @@ from pydantic import Field
 from pydantic import TypeAdapter  # 11
 from pydantic import ValidationError  # 11
 from pydantic import field_validator
+from sqlalchemy.dialects import postgresql  # 7
+from sqlalchemy.dialects import sqlite  # 7
 from zxcvbn import zxcvbn  # 7
 
 
@@ -409,6 +412,7 @@ BUSY = error_answer(  # 14
         **BAD_BODY,
         **error_answer(status.HTTP_409_CONFLICT, "Email taken"),
         **TOO_LARGE,
+        **TOO_MANY_FAILURES,
         **BUSY,
     },
     tags=["1 · JWT"],  # 14
@@ -416,6 +420,10 @@ BUSY = error_answer(  # 14
 )
 async def create_user(user: UserSignIn, request: Request):
     await refuse_easy_password(request, "password", user.password)  # 7
+    address = client_address(request)
+    # A sign-up is claimed like a login: probing which emails are taken (409) counts as
+    # failing, and meets the limits of section 7.
+    await claim_attempt(request, user.email, address)
     values = user.model_dump()
     values["password"] = await run_hashing(request, pwd_context.hash, user.password)
     # The user and their first refresh token are stored together, or not at all.
@@ -429,6 +437,8 @@ async def create_user(user: UserSignIn, request: Request):
             raise HTTPException(status.HTTP_409_CONFLICT, "A user with this email already exists.")
         new_user = await database.fetch_one(users.select().where(users.c.id == id_))
         refresh_token = await start_session(new_user)
+    await forget_failures(user.email, address)
+    await remember_login(user.email, address)
     return {"token": create_access_token(new_user), "refresh_token": refresh_token}
 
 
@@ -586,6 +596,7 @@ async def login(credentials: UserLogin, request: Request):
         note_failure(address)  # 12
         raise unauthorized("Incorrect email or password.")
     await forget_failures(credentials.email, address)  # 7
+    await remember_login(credentials.email, address)  # 7
     return {
         "token": create_access_token(user),
         "refresh_token": await start_session(user),
@@ -695,6 +706,7 @@ async def change_password(change: PasswordChange, request: Request):
     if not await run_hashing(request, pwd_context.verify, change.old_password, user["password"]):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "Incorrect password.")
     await forget_failures(user["email"], address)  # 7
+    await remember_login(user["email"], address)  # 7
     new_hash = await run_hashing(request, pwd_context.hash, change.new_password)
     # Only if the token is still current: a logout or another change may have come
     # while we were hashing. The check and the write are one statement, so no race.
@@ -733,8 +745,15 @@ failed_logins = sqlalchemy.Table(
 def client_address(request: Request) -> str:
     # Behind a proxy this is the proxy's address, unless uvicorn is told to trust
     # the proxy's X-Forwarded-For header (--forwarded-allow-ips; lesson.md, Appendix C).
-    address = request.client.host if request.client else "unknown"
-    return address[:45]  # the column's length: the longest IPv6 address is 45 characters
+    host = request.client.host if request.client else "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:45]  # the column's length: the longest IPv6 address is 45 characters
+    if isinstance(address, ipaddress.IPv6Address):
+        # One home or phone has a whole /64 of IPv6 addresses, each in many spellings.
+        return str(ipaddress.ip_network((address, 64), strict=False))
+    return str(address)
 
 
 async def failures_since(since: float, *where) -> tuple[int, float | None, float | None]:
@@ -769,6 +788,10 @@ async def check_throttle(email: str, address: str, now: float, *others) -> None:
         wait = min(2 ** (in_a_row - FREE_FAILURES), MAX_WAIT_SECONDS)
         if last + wait > now:
             raise too_many_failures(last + wait - now)
+    # A login that succeeded from this address before is no stranger: the caps below, which
+    # an attacker can fill, do not lock it out (OWASP's "device cookies", by address).
+    if await is_known_login(email, address, now):
+        return
     # From every address, and for every email: each at most 100 an hour.
     for rule in (by_email, by_address):
         count, first, _ = await failures_since(hour_ago, rule, *others)
@@ -818,6 +841,42 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
             # Only the last hour counts: older rows go, so the table does not grow forever.
             old = failed_logins.c.failed_at < now - 3600
             await database.execute(failed_logins.delete().where(old))
+
+
+# Who has logged in from where, in the last 30 days.
+KNOWN_FOR_SECONDS = 30 * 24 * 3600
+known_logins = sqlalchemy.Table(
+    "known_logins",
+    metadata,
+    sqlalchemy.Column("email", sqlalchemy.String(120), primary_key=True),
+    sqlalchemy.Column("address", sqlalchemy.String(45), primary_key=True),
+    sqlalchemy.Column("logged_in_at", sqlalchemy.Float, nullable=False, index=True),
+)
+
+
+async def is_known_login(email: str, address: str, now: float) -> bool:
+    known = await database.fetch_val(
+        sqlalchemy.select(sqlalchemy.func.count()).where(
+            known_logins.c.email == email,
+            known_logins.c.address == address,
+            known_logins.c.logged_in_at > now - KNOWN_FOR_SECONDS,
+        )
+    )
+    return known > 0
+
+
+async def remember_login(email: str, address: str) -> None:
+    now = time.time()
+    # Insert, or update the time of a pair already known: each database says it its own way.
+    dialect = postgresql if database.url.dialect == "postgresql" else sqlite
+    insert = dialect.insert(known_logins).values(email=email, address=address, logged_in_at=now)
+    await database.execute(
+        insert.on_conflict_do_update(
+            index_elements=["email", "address"], set_={"logged_in_at": now}
+        )
+    )
+    old = known_logins.c.logged_in_at < now - KNOWN_FOR_SECONDS
+    await database.execute(known_logins.delete().where(old))
 
 
 async def forget_failures(email: str, address: str) -> None:
