@@ -21,6 +21,7 @@ import argparse
 import functools
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import re
@@ -449,17 +450,22 @@ def logout_racing_password_change(server, rounds=12, where=""):
 
 
 def concurrent_registration(server, database_url, name="25 registrations of one email at once"):
-    """25 registrations of one email at once: one 201, 24 409, one row."""
+    """25 registrations of one email at once, from 25 addresses: one 201, 24 409, one row.
+
+    From 25 addresses, as 25 people: from one, a taken email is a failed sign-up, and the
+    throttle (section 7) answers 429 after 5 of them.
+    """
     email = "same@example.com"
     start = threading.Barrier(25)
     statuses = []
 
-    def register():
+    def register(source):
         start.wait()
         body = {"email": email, "password": PASSWORD, "full_name": "Twin"}
-        statuses.append(call(server, "POST", "/register", body)[0])
+        statuses.append(call(server, "POST", "/register", body, source=source)[0])
 
-    threads = [threading.Thread(target=register) for _ in range(25)]
+    sources = [f"127.0.2.{i}" for i in range(1, 26)]
+    threads = [threading.Thread(target=register, args=(source,)) for source in sources]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -641,6 +647,7 @@ def postgresql_workers(database_url):
     logout_racing_password_change(server, where=where)
     refresh_race(server, "refresh@example.com", where)
     refresh_tokens_only_hashed(server, database_url, where)
+    logins_and_refreshes(server, database_url, where)
     stop_server(server)
     error = log_errors(server_log(server))
     report(f"{name}: no error in the log", not error, error or "none")
@@ -918,6 +925,296 @@ def refresh_tokens_only_hashed(server, database_url, where=""):
         f"{not_hex} hashes not 64 hex digits; of {len(tokens)} handed out, {found} found "
         f"as such, {hashed} as SHA-256 hex digests",
     )
+
+
+# --- Sections 7 and 12: /password, sign-ups, one address for a class, refresh floods ---
+
+NEW_PASSWORD = "a new correct horse battery"  # passes every rule of a new password
+
+
+def timed(server, method, path, body=None, token=None, source=None):
+    """One request: (sent, answered, status, Retry-After), times by time.monotonic()."""
+    sent = time.monotonic()
+    try:
+        status, _, headers = exchange(server, method, path, body, token, source=source)
+        retry_after = headers.get("Retry-After")
+    except OSError:
+        status, retry_after = None, None
+    return sent, time.monotonic(), status, retry_after
+
+
+def refused(answer):
+    """A 429 with a Retry-After in whole seconds."""
+    return answer[2] == 429 and (answer[3] or "").isdigit()
+
+
+def shown_timed(answer):
+    status, retry_after = answer[2:]
+    return f"{status}" + (f" Retry-After {retry_after}" if retry_after else "")
+
+
+def statuses_of(answers):
+    return [status for _, _, status, _ in answers]
+
+
+def password_guessing(server, where=""):
+    """A stolen access token guesses the old password at /password for 10 s, from one address.
+
+    Section 7: a wrong old password is a failed login of that account from that address:
+    5 are free, then 429 until a wait of 1, 2, 4 s… after the last one checked is over.
+    """
+    name = f"/password guessing for 10 s from 127.0.3.1{where}"
+    email, source, elsewhere = "guessed@example.com", "127.0.3.1", "127.0.3.2"
+    token = registered(server, email)
+    if token is None:
+        return report(name, False, "could not register")
+    guess = {"old_password": WRONG, "new_password": NEW_PASSWORD}
+    login = {"email": email, "password": PASSWORD}
+    seen, owner = [], {}  # the owner's logins, meanwhile
+    started = time.monotonic()
+    while time.monotonic() - started < 10 and len(seen) < 1500:
+        seen.append(timed(server, "POST", "/password", guess, token, source))
+        if seen[-1][2] == 400 and statuses_of(seen).count(400) == 5:
+            # Right after the 5th failure: a second's wait has just begun for this pair.
+            owner["from 127.0.3.1 after the 5th 400"] = timed(
+                server, "POST", "/login", login, source=source
+            )
+            owner["from 127.0.3.2"] = timed(server, "POST", "/login", login, source=elsewhere)
+    seconds = time.monotonic() - started
+    last = owner["from 127.0.3.1 after the 10 s"] = timed(
+        server, "POST", "/login", login, source=source
+    )
+    statuses = statuses_of(seen)
+    checked = [i for i, status in enumerate(statuses) if status == 400]
+    problems = []
+    if set(statuses) - {400, 429}:
+        problems.append("statuses other than 400 and 429")
+    if 429 not in statuses or statuses.index(429) > 5:
+        problems.append("no 429 after the first 5 400s")
+    if not all(refused(answer) for answer in seen if answer[2] == 429):
+        problems.append("a 429 without Retry-After")
+    # The 6th 400 at least 1 s after the 5th, the 7th 2 s after the 6th…: the server's gap
+    # between the two checks is at most from sending the one to the answer of the other.
+    for k, (before, this) in enumerate(itertools.pairwise(checked[4:])):
+        gap = seen[this][1] - seen[before][0]
+        if gap < 2**k:
+            problems.append(f"400 no. {k + 6} came {gap:.2f} s after no. {k + 5}, want {2**k} s")
+    at = ", ".join(f"{seen[i][0] - started:.1f}" for i in checked[:12])
+    report(
+        f"{name}: at most 5 wrong old passwords answered 400, then 429 with Retry-After "
+        "until each wait (1, 2, 4 s…) is over, no 500",
+        not problems,
+        f"{len(seen)} answers in {seconds:.1f} s: {counted(statuses)}; the 400s at {at} s"
+        + (f"; {'; '.join(problems[:3])}" if problems else ""),
+    )
+    report(
+        f"{name}: meanwhile the owner's login from 127.0.3.1 is 429, from 127.0.3.2 200",
+        len(owner) == 3
+        and all(refused(answer) for when, answer in owner.items() if "127.0.3.1" in when)
+        and owner["from 127.0.3.2"][2] == 200,
+        "; ".join(f"{when} {shown_timed(answer)}" for when, answer in owner.items()),
+    )
+    password_guessing_cleared(server, name, token, last[3], source)
+
+
+def password_guessing_cleared(server, name, token, retry_after, source):
+    """Once the wait is over, the right old password clears this account's failures there."""
+    if not (retry_after or "").isdigit() or int(retry_after) > 20:
+        return report(f"{name}: the right old password clears", False, f"wait {retry_after}")
+    time.sleep(int(retry_after) + 0.1)
+    right = {"old_password": PASSWORD, "new_password": NEW_PASSWORD}
+    status, answer = call(server, "POST", "/password", right, token, source=source)
+    new_token = answer["token"] if status == 200 else None
+    guess = {"old_password": WRONG, "new_password": "yet another correct horse"}
+    wrong = [call(server, "POST", "/password", guess, new_token, source=source)[0]]
+    wrong += [call(server, "POST", "/password", guess, new_token, source=source)[0]]
+    report(
+        f"{name}: after the wait, the right old password 200; then 2 wrong ones 400, not 429",
+        status == 200 and wrong == [400, 400],
+        f"waited {retry_after} s; the right one {status}; then {wrong}",
+    )
+
+
+def prankster_in_class(server, where=""):
+    """20 classmates share one address (a school's NAT), and one of them is a prankster.
+
+    Section 7: made-up emails fill the address's 100 failures an hour; the classmates, who
+    logged in from there before (known logins), still log in.
+    """
+    name = f"a prankster in class, 127.0.0.5{where}"
+    room = "127.0.0.5"
+    classmates = [f"classmate{i}@example.com" for i in range(20)]
+    ready = []
+    for index, email in enumerate(classmates):
+        body = {**USER, "email": email}
+        if index % 2:  # signed up in class
+            ready.append(call(server, "POST", "/register", body, source=room)[0] == 201)
+        else:  # signed up at home, then logged in in class
+            signed_up = call(server, "POST", "/register", body)[0] == 201
+            login = {"email": email, "password": PASSWORD}
+            ready.append(signed_up and call(server, "POST", "/login", login, source=room)[0] == 200)
+    newcomer = "newcomer@example.com"  # signed up at home, never logged in in class
+    if not all(ready) or registered(server, newcomer) is None:
+        return report(name, False, f"{ready.count(True)} of 20 classmates signed up")
+    guesses, started = [], time.monotonic()
+    while len(guesses) < 150 and time.monotonic() - started < 40:
+        body = {"email": f"made-up{len(guesses)}@example.com", "password": WRONG}
+        guesses.append(timed(server, "POST", "/login", body, source=room))
+        if guesses[-1][2] == 429:
+            break
+    statuses = statuses_of(guesses)
+    report(
+        f"{name}: made-up emails, 429 with Retry-After after at most 100 401s, no 500",
+        bool(guesses)
+        and refused(guesses[-1])
+        and statuses[:-1] == [401] * (len(guesses) - 1)
+        and len(guesses) <= 101,
+        f"{counted(statuses)} in {time.monotonic() - started:.1f} s, "
+        f"the last with Retry-After {guesses[-1][3] if guesses else None}",
+    )
+    logins = [("POST", "/login", {"email": e, "password": PASSWORD}, None) for e in classmates]
+    answers = at_once(server, logins, sources=[room] * 20)
+    logged_in = [status for status, _ in answers]
+    report(
+        f"{name}: then the 20 classmates log in from 127.0.0.5 at once, each 200",
+        logged_in == [200] * 20,
+        f"statuses {counted(logged_in)}",
+    )
+    more = [
+        timed(
+            server,
+            "POST",
+            "/login",
+            {"email": f"more{i}@example.com", "password": WRONG},
+            source=room,
+        )
+        for i in range(5)
+    ]
+    stranger = timed(
+        server, "POST", "/login", {"email": newcomer, "password": PASSWORD}, source=room
+    )
+    report(
+        f"{name}: and the prankster still gets 429 with Retry-After",
+        all(map(refused, more)),
+        f"5 more made-up emails: {counted(statuses_of(more))}; "
+        f"(a classmate never seen on 127.0.0.5: {stranger[2]}, not checked)",
+    )
+
+
+def refresh_flood(server, database_url, where=""):
+    """10 logins of one account refresh as fast as they can for 10 s (section 12).
+
+    Each login (a family of refresh tokens) gets 10 refreshes in 10 minutes, then 429 with
+    its token left unspent; the table keeps at most 11 spent tokens a family, and the next.
+    """
+    name = f"refresh flood: 10 logins of one account, 10 s{where}"
+    email, source = "flood@example.com", "127.0.3.5"
+    mark = len(handed_out.get(server, []))
+    body = {"email": email, "password": PASSWORD}
+    answers = [call(server, "POST", "/register", {**USER, **body}, source=source)]
+    answers += [call(server, "POST", "/login", body, source=source) for _ in range(9)]
+    tokens = [answer["refresh_token"] for status, answer in answers if status in (200, 201)]
+    if len(tokens) != 10:
+        return report(name, False, f"{len(tokens)} of 10 logins")
+
+    def chain(token):
+        seen, started = [], time.monotonic()
+        while time.monotonic() - started < 10 and len(seen) < 500:
+            try:
+                status, answer, headers = exchange(
+                    server, "POST", "/refresh", {"refresh_token": token}, source=source
+                )
+                seen.append((status, headers.get("Retry-After")))
+            except OSError as error:
+                seen.append((None, repr(error)))
+                continue
+            if status == 200:
+                token = answer["refresh_token"]
+        return seen, token
+
+    chains = together([functools.partial(chain, token) for token in tokens])
+    # forget_spent_tokens deletes the flood's older tokens, as it should: the checks that
+    # every token handed out is stored hashed must not look for them.
+    del handed_out.get(server, [])[mark:]
+    statuses = [status for seen, _ in chains for status, _ in seen]
+    good = 0
+    for seen, _ in chains:
+        codes = [status for status, _ in seen]
+        later = seen[10:]
+        good += (
+            codes[:10] == [200] * 10
+            and bool(later)
+            and all(status == 429 and (retry or "").isdigit() for status, retry in later)
+        )
+    report(
+        f"{name}: each login 10 refreshes 200, then only 429 with Retry-After, no 500",
+        good == 10,
+        f"{good} of 10 logins so; {len(statuses)} refreshes: {counted(statuses)}",
+    )
+    rows, spent, unspent = [], [], 0
+    for _, token in chains:
+        family = scalar(
+            database_url,
+            "SELECT family FROM refresh_tokens WHERE token_hash = :hash",
+            hash=digest(token),
+        )
+        query = "SELECT count(*) FROM refresh_tokens WHERE family = :family"
+        rows.append(scalar(database_url, query, family=family))
+        spent.append(scalar(database_url, query + " AND spent_at IS NOT NULL", family=family))
+        query = "SELECT count(*) FROM refresh_tokens WHERE token_hash = :hash AND spent_at IS NULL"
+        unspent += scalar(database_url, query, hash=digest(token))
+    report(
+        f"{name}: at most 11 spent tokens and 1 unspent a family in refresh_tokens, "
+        "the last one refused still unspent",
+        max(rows) <= 12 and max(spent) <= 11 and unspent == 10,
+        f"rows a family {min(rows)} to {max(rows)}, spent {min(spent)} to {max(spent)}; "
+        f"the token in hand unspent for {unspent} of 10",
+    )
+
+
+def register_probing(server, where=""):
+    """Is this email taken? Asked again and again from one address (sections 1.3 and 7)."""
+    name = f"register probing from 127.0.3.3{where}"
+    email, source = "probed@example.com", "127.0.3.3"
+    if registered(server, email) is None:
+        return report(name, False, "could not register")
+    body = {**USER, "email": email}
+    seen, started = [], time.monotonic()
+    while len(seen) < 20 and time.monotonic() - started < 30:
+        seen.append(timed(server, "POST", "/register", body, source=source))
+        if seen[-1][2] == 429:
+            break
+    statuses = statuses_of(seen)
+    report(
+        f"{name}: a taken email again and again, at most 5 409s then 429 with Retry-After",
+        bool(seen)
+        and refused(seen[-1])
+        and statuses[:-1] == [409] * (len(seen) - 1)
+        and len(seen) <= 6,
+        f"{'+'.join(map(str, statuses))}, Retry-After {seen[-1][3] if seen else None}",
+    )
+    tasks = [functools.partial(timed, server, "POST", "/register", body, source=source)] * 5
+    more = together(tasks)
+    other = timed(server, "POST", "/register", body, source="127.0.3.4")
+    new = timed(server, "POST", "/register", {**USER, "email": "prober@example.com"}, source=source)
+    report(
+        f"{name}: then 5 more at once 429; from 127.0.3.4 409; a new email from 127.0.3.3 201",
+        all(map(refused, more)) and other[2] == 409 and new[2] == 201,
+        f"5 more {counted(statuses_of(more))}; from 127.0.3.4 {other[2]}; new email {new[2]}",
+    )
+
+
+def logins_and_refreshes(server, database_url, where=""):
+    """Sections 7 and 12 under attack, each from its own addresses: a run under 40 s each."""
+    for check, arguments in [
+        (password_guessing, ()),
+        (prankster_in_class, ()),
+        (refresh_flood, (database_url,)),
+        (register_probing, ()),
+    ]:
+        started = time.monotonic()
+        check(server, *arguments, where=where)
+        print(f"      ({check.__name__}{where}: {time.monotonic() - started:.1f} s)", flush=True)
 
 
 # --- Starts the app must refuse -------------------------------------------------
@@ -1376,6 +1673,7 @@ def main():
         forget_failed_logins(database_url)
         logout_while_requests_are_in_flight(server)
         refresh_tokens_not_in_files(server, workdir)
+        logins_and_refreshes(server, database_url)
         restart(workdir, server)  # stops the server itself
         tracebacks = (workdir / "server.log").read_text().count("Traceback")
         report("no traceback in the server log", tracebacks == 0, f"{tracebacks} found")
