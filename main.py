@@ -750,6 +750,8 @@ def client_address(request: Request) -> str:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host[:45]  # the column's length: the longest IPv6 address is 45 characters
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)  # an IPv4 client of a server listening on IPv6
     if isinstance(address, ipaddress.IPv6Address):
         # One home or phone has a whole /64 of IPv6 addresses, each in many spellings.
         return str(ipaddress.ip_network((address, 64), strict=False))
@@ -818,10 +820,7 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
         raise client_gone()
     # One claim at a time in this worker: a burst of hundreds would otherwise wait on
     # SQLite's write lock past its 5 seconds ("database is locked"). A claim is quick.
-    async with claims_one_at_a_time:
-        if time.time() - now > DATABASE_WAIT_SECONDS:  # 15
-            # The claims before this one waited on the database in vain: so would this one.
-            raise TimeoutError(f"waited over {DATABASE_WAIT_SECONDS} s for the claims before it")
+    async with held_within(claims_one_at_a_time, DATABASE_WAIT_SECONDS):
         if hashing_line_is_full():  # 12
             # What run_hashing would refuse is refused before it is counted: a user
             # turned away by a busy server has not failed, and a flood writes nothing.
@@ -950,7 +949,8 @@ def hash_refresh_token(token: str) -> str:
 
 async def store_refresh_token(**values) -> tuple[str, int]:
     """Make a refresh token, store its hash with these values: (the token, its row id)."""
-    token = secrets.token_urlsafe(32)
+    # The family first: a spent token whose row forget_spent_tokens removed still names it.
+    token = f"{values['family']}.{secrets.token_urlsafe(32)}"
     token_hash = hash_refresh_token(token)
     id_ = await database.execute(refresh_tokens.insert().values(token_hash=token_hash, **values))
     return token, id_
@@ -1069,6 +1069,7 @@ async def refresh(body: RefreshIn):
             )
             await forget_spent_tokens(spent["family"])  # 12
     if spent is None:
+        await refuse_a_forgotten_token(body.refresh_token, token_hash, now)  # 12
         await refuse_refresh(token_hash, now)
     # The version the family was made under, not a fresh read: a logout that lands
     # now revokes this access token too.
@@ -1221,7 +1222,7 @@ async def check_refresh_rate(family: str, now: datetime) -> None:
 
 async def forget_spent_tokens(family: str) -> None:
     # Older spent tokens go, so a family keeps a few rows, not one per refresh. One of
-    # them coming back is refused as unknown, but no longer ends the family.
+    # them coming back still names its family: refuse_a_forgotten_token ends it.
     latest = (
         sqlalchemy.select(refresh_tokens.c.id)
         .where(refresh_tokens.c.family == family, refresh_tokens.c.spent_at.is_not(None))
@@ -1236,6 +1237,22 @@ async def forget_spent_tokens(family: str) -> None:
             refresh_tokens.c.id.not_in(latest),
         )
     )
+
+
+async def refuse_a_forgotten_token(token: str, token_hash: str, now: datetime) -> None:
+    # No row for this token, but its family has rows: it is a spent token that
+    # forget_spent_tokens removed, coming back. As in refuse_refresh: end the family.
+    family = token.partition(".")[0]
+    rows_of = sqlalchemy.select(sqlalchemy.func.count()).select_from(refresh_tokens)
+    if await database.fetch_val(rows_of.where(refresh_tokens.c.token_hash == token_hash)):
+        return  # its row is there: refuse_refresh says why
+    if not await database.fetch_val(rows_of.where(refresh_tokens.c.family == family)):
+        return  # no such family: refuse_refresh says it is invalid
+    await database.execute(
+        refresh_tokens.update().where(refresh_tokens.c.family == family).values(family_ended_at=now)
+    )
+    logging.getLogger(__name__).warning(f"A forgotten refresh token came back: {family} is ended.")
+    raise unauthorized("Refresh token already used: log in again.")
 
 
 MAX_BODY_BYTES = 64 * 1024  # the forms of this app are a few hundred bytes
@@ -1409,7 +1426,7 @@ def is_database_away(error: Exception) -> bool:
     """Did the database fail to answer (away, locked, full, read-only), not the code?"""
     if isinstance(error, sqlite3.OperationalError):
         # "no such column" is an OperationalError too, but a bug: only these are the database's.
-        return error.sqlite_errorname.startswith(SQLITE_AWAY)
+        return getattr(error, "sqlite_errorname", "").startswith(SQLITE_AWAY)
     return isinstance(
         error,
         (
@@ -1450,7 +1467,9 @@ class DatabaseAway:
         try:
             await self.app(scope, receive, watching_send)
         except Exception as error:
-            if started or not is_database_away(error):
+            # A lost connection can fail the ROLLBACK too: its error hides the first one.
+            first = error.__context__ or error
+            if started or not (is_database_away(error) or is_database_away(first)):
                 raise  # a bug: the server logs it with its traceback
             route = route_of(scope)
             if route not in failing_routes:
@@ -1463,6 +1482,21 @@ class DatabaseAway:
                 headers={"Retry-After": str(DATABASE_WAIT_SECONDS)},
             )
             await response(scope, receive, send)
+
+
+@asynccontextmanager
+async def held_within(lock: asyncio.Lock, seconds: float):
+    """Hold `lock`, waiting for it at most `seconds`: then TimeoutError, which is a 503."""
+    # A request waiting here may hold a database connection that the lock's holder needs:
+    # waiting for ever, neither would move again.
+    try:
+        await asyncio.wait_for(lock.acquire(), seconds)
+    except TimeoutError:
+        raise TimeoutError(f"waited {seconds} s for the logins before this one") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def route_of(scope) -> str:

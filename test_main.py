@@ -1240,6 +1240,8 @@ def test_7_a_known_login_is_not_locked_out_by_the_caps(client, db):
         (["2001:db8::1", "2001:DB8::1", "2001:0db8:0000::0001", "2001:db8::ffff:1"], True),
         (["2001:db8::1", "2001:db8:0:1::1"], False),
         (["203.0.113.7", "203.0.113.8"], False),
+        (["::ffff:203.0.113.7", "203.0.113.7"], True),  # IPv4, to a server on IPv6
+        (["::ffff:203.0.113.7", "::ffff:203.0.113.8"], False),
     ],
 )
 def test_7_an_ipv6_64_is_one_address(app_dir, spellings, same):
@@ -2013,6 +2015,25 @@ def test_12_a_login_keeps_only_its_last_spent_tokens(client, db):
     expect(refresh(client, token), 200, "12: the latest token still works")
 
 
+def test_12_a_forgotten_spent_token_that_comes_back_still_ends_its_family(client, db, caplog):
+    register(client)
+    first = log_in_for_a_pair(client)["refresh_token"]
+    answer, token = refresh_chain(client, first, 10)
+    spent_long_ago(db)
+    answer, token = refresh_chain(client, token, 5)
+    expect(answer, 200, "12")
+    first_hash = hashlib.sha256(first.encode()).hexdigest()
+    assert not rows(db, "SELECT id FROM refresh_tokens WHERE token_hash = :h", h=first_hash), (
+        "12: forget_spent_tokens removed the first token's row"
+    )
+    expect_401(
+        refresh(client, first),
+        "Refresh token already used: log in again.",
+        "12: the token names its family (store_refresh_token), which refuse_a_forgotten_token ends",
+    )
+    expect_401(refresh(client, token), "Refresh token revoked.", "12: the whole family is ended")
+
+
 # --- 13 A new server, an old database --------------------------------------------------------
 
 
@@ -2506,3 +2527,17 @@ def test_15_openapi_declares_503_on_every_route(client):
             assert content.get("schema") == {"$ref": "#/components/schemas/ErrorOut"}, (
                 f"15: {method.upper()} {path} should declare its 503 (responses= of the app)"
             )
+
+
+def test_15_a_login_waits_for_the_claims_before_it_at_most_a_while(app_dir):
+    # On PostgreSQL, a request waiting for the lock may hold the connection its holder needs.
+    module = load_app(app_dir)
+
+    async def wait_behind_a_held_lock():
+        lock = asyncio.Lock()
+        await lock.acquire()
+        async with module.held_within(lock, 0.1):
+            pass
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(wait_behind_a_held_lock())
