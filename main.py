@@ -233,8 +233,11 @@ def no_control_characters(text: str) -> str:  # 10
     # NUL, tab, newline and the other C0 controls have no place in a name or a phone
     # number, and PostgreSQL refuses NUL outright: a 422 here, not a 500 there.
     # Nor do Unicode's other controls (Cc), its invisible formats (Cf: the right-to-left
-    # override shows "\u202egnp.exe" as "exe.png"), or its line separators (Zl, Zp).
-    if any(unicodedata.category(character) in ("Cc", "Cf", "Zl", "Zp") for character in text):
+    # override shows "\u202egnp.exe" as "exe.png"), or its line separators (Zl, Zp). Only
+    # the zero-width joiners stay, U+200C and U+200D: Persian names and emoji need them.
+    categories = ("Cc", "Cf", "Zl", "Zp")
+    hidden = {character for character in text if unicodedata.category(character) in categories}
+    if hidden - {"\u200c", "\u200d"}:
         raise ValueError("must not contain control characters")
     # Half a UTF-16 pair ("\ud800") is valid JSON, and a command-line argument can carry
     # one too: no database can store it.

@@ -1750,6 +1750,17 @@ def test_11_text_that_looks_like_something_else_is_422(client, db):
     )
 
 
+# A Persian name with a zero-width non-joiner, and a family emoji joined by zero-width joiners.
+JOINED_NAMES = ["\u0645\u0647\u200c\u0631\u0646\u0627\u0632", "\U0001f469\u200d\U0001f467"]
+
+
+def test_11_persian_names_and_emoji_keep_their_zero_width_joiners(client, db):
+    for number, name in enumerate(JOINED_NAMES):
+        register(client, email=f"user{number}@example.com", full_name=name)
+    names = [row["full_name"] for row in rows(db, "SELECT full_name FROM users ORDER BY id")]
+    assert names == JOINED_NAMES, f"11: U+200C and U+200D are the formats that stay, got {names}"
+
+
 def test_11_clothes_names_that_look_like_something_else_are_422(client, db):
     changes = {"right-to-left-override": {"name": "\u202egnp.exe"}, "next-line": {"name": "A\x85B"}}
     expect_422_and_no_clothes(client, db, changes, "11: ClothesIn's name is PlainText")
