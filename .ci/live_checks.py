@@ -755,9 +755,10 @@ def many_addresses_guessing(server, database_url):
     statuses = [status for status, _ in answers]
     counts = {code: statuses.count(code) for code in sorted(set(statuses), key=str)}
     checked = statuses.count(401)
-    ok = checked <= 100 and checked + statuses.count(429) == 180
+    # A 503 is a guess the server was too busy to check or count (12, 15): no guess either.
+    ok = checked <= 100 and checked + statuses.count(429) + statuses.count(503) == 180
     name = "60 addresses x 3 wrong guesses at once on one account"
-    report(f"{name}: at most 100 checked (401), the rest 429", ok, f"statuses {counts}")
+    report(f"{name}: at most 100 checked (401), the rest 429 or 503", ok, f"statuses {counts}")
     query = "SELECT count(*) FROM failed_logins WHERE email = :email"
     rows = scalar(database_url, query, email=email)
     report(f"{name}: at most 100 rows in failed_logins", rows <= 100, f"{rows} rows")
