@@ -753,9 +753,9 @@ def client_address(request: Request) -> str:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host[:45]  # the column's length: the longest IPv6 address is 45 characters
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)  # an IPv4 client of a server listening on IPv6
     if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)  # an IPv4 client of a server listening on IPv6
         # One home or phone has a whole /64 of IPv6 addresses, each in many spellings.
         return str(ipaddress.ip_network((address, 64), strict=False))
     return str(address)
@@ -1462,9 +1462,10 @@ class DatabaseAway:
 
         async def watching_send(message):
             nonlocal started
-            started = started or message["type"] == "http.response.start"
-            if message["type"] == "http.response.start" and message["status"] < 400:
-                back_again(scope)
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] < 400:
+                    back_again(scope)
             await send(message)
 
         try:
