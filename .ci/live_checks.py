@@ -802,13 +802,9 @@ def login_after_hang_ups(server, name):
 
 def guesses_until_refused(server, guess, source, most=20):
     """Wrong guesses one after another until a 429: (statuses, its Retry-After)."""
-    statuses, deadline = [], time.monotonic() + 30
-    while len(statuses) < most and time.monotonic() < deadline:
-        status, _, headers = exchange(server, "POST", "/login", guess, source=source)
-        statuses.append(status)
-        if status == 429:
-            return statuses, headers.get("Retry-After")
-    return statuses, None
+    answers = until_refused(server, "/login", lambda _: guess, source, most, seconds=30)
+    last = answers[-1] if answers else (None, None, None, None)
+    return statuses_of(answers), last[3] if last[2] == 429 else None
 
 
 def one_address_guessing(server, name):
@@ -944,6 +940,16 @@ def timed(server, method, path, body=None, token=None, source=None):
     return sent, time.monotonic(), status, retry_after
 
 
+def until_refused(server, path, body_of, source, most, seconds):
+    """POST body_of(0), body_of(1)… one after another until a 429: their timed answers."""
+    answers, deadline = [], time.monotonic() + seconds
+    while len(answers) < most and time.monotonic() < deadline:
+        answers.append(timed(server, "POST", path, body_of(len(answers)), source=source))
+        if answers[-1][2] == 429:
+            break
+    return answers
+
+
 def refused(answer):
     """A 429 with a Retry-After in whole seconds."""
     return answer[2] == 429 and (answer[3] or "").isdigit()
@@ -1057,12 +1063,12 @@ def prankster_in_class(server, where=""):
     newcomer = "newcomer@example.com"  # signed up at home, never logged in in class
     if not all(ready) or registered(server, newcomer) is None:
         return report(name, False, f"{ready.count(True)} of 20 classmates signed up")
-    guesses, started = [], time.monotonic()
-    while len(guesses) < 150 and time.monotonic() - started < 40:
-        body = {"email": f"made-up{len(guesses)}@example.com", "password": WRONG}
-        guesses.append(timed(server, "POST", "/login", body, source=room))
-        if guesses[-1][2] == 429:
-            break
+    started = time.monotonic()
+
+    def made_up(n):
+        return {"email": f"made-up{n}@example.com", "password": WRONG}
+
+    guesses = until_refused(server, "/login", made_up, room, most=150, seconds=40)
     statuses = statuses_of(guesses)
     report(
         f"{name}: made-up emails, 429 with Retry-After after at most 100 401s, no 500",
@@ -1180,11 +1186,7 @@ def register_probing(server, where=""):
     if registered(server, email) is None:
         return report(name, False, "could not register")
     body = {**USER, "email": email}
-    seen, started = [], time.monotonic()
-    while len(seen) < 20 and time.monotonic() - started < 30:
-        seen.append(timed(server, "POST", "/register", body, source=source))
-        if seen[-1][2] == 429:
-            break
+    seen = until_refused(server, "/register", lambda _: body, source, most=20, seconds=30)
     statuses = statuses_of(seen)
     report(
         f"{name}: a taken email again and again, at most 5 409s then 429 with Retry-After",
