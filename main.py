@@ -429,7 +429,7 @@ async def create_user(user: UserSignIn, request: Request):
     await claim_attempt(request, user.email, address)
     values = user.model_dump()
     values["password"] = await run_hashing(request, pwd_context.hash, user.password)
-    # The user and their first refresh token are stored together, or not at all.
+    # Everything a sign-up writes is stored together, or not at all.
     async with database.transaction():
         try:
             id_ = await database.execute(users.insert().values(**values))
@@ -440,8 +440,8 @@ async def create_user(user: UserSignIn, request: Request):
             raise HTTPException(status.HTTP_409_CONFLICT, "A user with this email already exists.")
         new_user = await database.fetch_one(users.select().where(users.c.id == id_))
         refresh_token = await start_session(new_user)
-    await forget_failures(user.email, address)
-    await remember_login(user.email, address)
+        await forget_failures(user.email, address)
+        await remember_login(user.email, address)
     return {"token": create_access_token(new_user), "refresh_token": refresh_token}
 
 
@@ -883,11 +883,18 @@ async def remember_login(email: str, address: str) -> None:
 
 async def forget_failures(email: str, address: str) -> None:
     # The right password: this email's failures from this address (this attempt too) go.
-    await database.execute(
-        failed_logins.delete().where(
-            failed_logins.c.email == email, failed_logins.c.address == address
-        )
+    forget = failed_logins.delete().where(
+        failed_logins.c.email == email,
+        failed_logins.c.address == address,
+        failed_logins.c.failed_at <= time.time(),  # not the failures that come after
     )
+    try:
+        await database.execute(forget)
+    except Exception as error:
+        if is_database_away(error):
+            # A right password must not stay counted as a failure: forget them later.
+            write_when_back(forget)
+        raise
 
 
 def is_easy_to_guess(password: str) -> bool:
@@ -1441,6 +1448,29 @@ def is_database_away(error: Exception) -> bool:
             asyncpg.ReadOnlySQLTransactionError,  # a standby, or a read-only database
         ),
     )
+
+
+# Writes that must not be lost while the database is away: each tried again until it answers.
+waiting_writes: set[asyncio.Task] = set()  # asyncio keeps only a weak reference to a task
+
+
+def write_when_back(statement) -> None:
+    task = asyncio.create_task(write_again(statement))
+    waiting_writes.add(task)
+    task.add_done_callback(waiting_writes.discard)
+
+
+async def write_again(statement) -> None:
+    # Every second, for an hour at most: by then a failed login no longer counts anyway.
+    give_up = time.monotonic() + 3600
+    while time.monotonic() < give_up:
+        await asyncio.sleep(1)
+        try:
+            await database.execute(statement)
+            return
+        except Exception as error:
+            if not is_database_away(error):
+                raise
 
 
 # The routes answering 503 now: one log line as each starts, one as it answers again.

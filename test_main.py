@@ -2495,20 +2495,53 @@ def test_15_a_bug_is_still_a_500_with_its_traceback(app_dir, monkeypatch):
             client.get("/clothes/", headers=bearer(token))
 
 
+@pytest.mark.parametrize("failing", ["start_session", "remember_login"])
 def test_15_a_registration_that_fails_halfway_stores_no_user(
-    app_dir, db, database_url, tmp_path, monkeypatch
+    app_dir, db, database_url, tmp_path, monkeypatch, failing
 ):
     module = load_app(app_dir)
 
-    async def not_answering(user):
+    async def not_answering(*args):
         raise database_away(database_url, tmp_path)
 
-    patch_app(monkeypatch, module, "start_session", not_answering)
+    patch_app(monkeypatch, module, failing, not_answering)
     with TestClient(module.app, raise_server_exceptions=False) as client:
         expect(client.post("/register", json=BODY), 503, "15: the database failed: 503")
     assert rows(db, "SELECT id FROM users") == [], (
-        "15: the user and its refresh token are stored in one transaction, or neither is"
+        f"15: {failing} failed, and the user was stored: a sign-up's writes are one transaction"
     )
+
+
+def test_15_a_right_password_is_not_left_counted_as_a_failure(
+    app_dir, db, database_url, tmp_path, monkeypatch
+):
+    module = load_app(app_dir)
+    with TestClient(module.app, raise_server_exceptions=False) as client:
+        register(client)
+        answering = module.database.execute
+        failed = []
+
+        async def away_while_forgetting(query, *args, **kwargs):
+            forgetting = "DELETE FROM failed_logins WHERE failed_logins.email"
+            if str(query).startswith(forgetting) and not failed:
+                failed.append(query)
+                raise database_away(database_url, tmp_path)
+            return await answering(query, *args, **kwargs)
+
+        monkeypatch.setattr(module.database, "execute", away_while_forgetting)
+        right = client.post("/login", json={"email": BODY["email"], "password": BODY["password"]})
+        expect(right, 503, "15: the database failed while forgetting the failures: 503")
+        wrong = client.post("/login", json={"email": BODY["email"], "password": "wrong horse"})
+        expect(wrong, 401, "4: a wrong password is 401")
+        # The right password's attempt goes once the database answers; the wrong one stays.
+        deadline = time.monotonic() + 2.5
+        while len(rows(db, "SELECT id FROM failed_logins")) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = rows(db, "SELECT id FROM failed_logins")
+        assert len(left) == 1, (
+            f"15: {len(left)} failures left, not 1: a right password is forgotten once the "
+            "database answers again, and a failure after it is kept (write_when_back)"
+        )
 
 
 def test_15_waits_for_the_database_are_bounded(app_dir, database_url):
