@@ -1442,6 +1442,7 @@ def is_database_away(error: Exception) -> bool:
         (
             OSError,  # cannot connect, connection reset; a TimeoutError is an OSError too
             asyncpg.PostgresConnectionError,  # the connection broke
+            asyncpg.InternalClientError,  # a connection ended between two queries (asyncpg#1069)
             asyncpg.OperatorInterventionError,  # shutting down, starting up, statement_timeout
             asyncpg.InsufficientResourcesError,  # disk full, too many connections
             asyncpg.ObjectNotInPrerequisiteStateError,  # connections not allowed

@@ -2481,6 +2481,20 @@ def test_15_a_database_that_does_not_answer_is_503_and_one_log_line(
             )
 
 
+def test_15_a_connection_ended_between_two_queries_is_503(app_dir, monkeypatch):
+    # What asyncpg raises when PostgreSQL ends a connection just as a query starts on it.
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        token = register(client)
+
+        async def ended(*args, **kwargs):
+            raise asyncpg.InternalClientError("cannot switch to state 11; another operation (2)")
+
+        monkeypatch.setattr(module.database, "fetch_all", ended)
+        answer = client.get("/clothes/", headers=bearer(token))
+        expect(answer, 503, "15: asyncpg's InternalClientError is a database away")
+
+
 def test_15_a_bug_is_still_a_500_with_its_traceback(app_dir, monkeypatch):
     module = load_app(app_dir)
     with TestClient(module.app) as client:

@@ -9,8 +9,9 @@ there, starts `uvicorn main:app` on 127.0.0.1, attacks it over HTTP from this pr
 TEST_DATABASE_URL names, if set (it drops its public schema). Then `--workers 2` with
 bcrypt's default cost, for the timings of the hashing line and of the login throttle
 (lesson sections 12 and 7). Then a database that stops answering (section 15): SQLite
-locked by another process, SQLite read-only, and on PostgreSQL a table locked and the
-server stopped for 5 s (through PG_CTL, which .ci/run sets): 503, never a 500 or a hang.
+locked by another process, SQLite read-only, and on PostgreSQL a table locked, new
+connections refused, the app's connections ended, and the server stopped for 5 s (through
+PG_CTL, which .ci/run sets): 503, never a 500 or a hang.
 Then starts the app must refuse (a short secret, a .jwt_secret that is not text, a
 users table from part 3, a number setting out of range, a wrong DATABASE_URL), alone
 and with --workers 2: one message, no traceback, stop.
@@ -1531,13 +1532,15 @@ def sqlite_read_only():
 
 
 def postgresql_away(database_url):
-    """Section 15 on PostgreSQL, one worker: a lock held past statement_timeout, then a stop."""
+    """Section 15 on PostgreSQL, one worker: a lock, connections refused, then ended, a stop."""
     workdir = new_workdir()
     settings = {"DATABASE_URL": database_url, "JWT_SECRET": SECRET, "BCRYPT_ROUNDS": "4"}
     empty_schema(database_url)
     server = start_server(workdir, **settings)
     token = registered(server, USER["email"])
     postgresql_lock(server, database_url, token)
+    postgresql_refusing(server, database_url, token)
+    postgresql_terminated(server, database_url, token)
     if os.environ.get("PG_CTL"):
         postgresql_stopped(server, token, shlex.split(os.environ["PG_CTL"]))
     else:
@@ -1580,6 +1583,114 @@ def postgresql_lock(server, database_url, token):
     after = timed_exchange(server, "GET", "/clothes/", token=token)
     report(f"{name}: once it is let go, GET /clothes/ 200", after[0] == 200, shown(after))
     away_log(server, name, {"GET /clothes/": 1}, since)
+
+
+def superuser(database_url):
+    """A connection to the maintenance database postgres, same server and user: autocommit."""
+    url = sqlalchemy.make_url(database_url).set(database="postgres")
+    engine = sqlalchemy.create_engine(
+        url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool
+    )
+    return engine.connect()  # NullPool: closing it closes the connection itself
+
+
+def allow_connections(connection, database, allowed):
+    """Whether PostgreSQL lets new connections into this database."""
+    quoted = '"' + database.replace('"', '""') + '"'  # an identifier, not a value
+    allow = f"ALTER DATABASE {quoted} ALLOW_CONNECTIONS {str(allowed).lower()}"
+    connection.execute(sqlalchemy.text(allow))
+
+
+def end_connections(connection, database):
+    """pg_terminate_backend on every other connection to this database: how many ended."""
+    ended = (
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = :database AND pid <> pg_backend_pid()"
+    )
+    return connection.execute(sqlalchemy.text(ended), {"database": database}).scalar()
+
+
+def postgresql_refusing(server, database_url, token):
+    """PostgreSQL refuses the app's new connections (55000): 503 within 7 s, then 200."""
+    name = "PostgreSQL refuses connections (allow_connections false)"
+    since = len(server_log(server))
+    database = sqlalchemy.make_url(database_url).database
+    refused, ended, failed = [], 0, []
+    try:
+        with superuser(database_url) as connection:
+            allow_connections(connection, database, False)
+            ended = end_connections(connection, database)  # so the app must open new ones
+        refused = [timed_exchange(server, "GET", "/clothes/", token=token) for _ in range(3)]
+        refused.append(timed_exchange(server, "POST", "/login", LOGIN))
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        failed.append(str(error).splitlines()[0])
+    finally:
+        with superuser(database_url) as connection:  # whatever happened: later checks need it
+            allow_connections(connection, database, True)
+    if failed:
+        return report(name, False, f"could not refuse connections: {failed[0]}")
+    what = ["GET /clothes/"] * 3 + ["POST /login"]
+    report(
+        f"{name}: 3 reads and a login answer 503 with Retry-After within 7 s, no hang",
+        ended > 0 and all(map(answered_away, refused)),
+        f"{ended} connections ended; "
+        + "; ".join(f"{w} {shown(answer)}" for w, answer in zip(what, refused, strict=True)),
+    )
+    read = timed_exchange(server, "GET", "/clothes/", token=token)
+    login = timed_exchange(server, "POST", "/login", LOGIN)
+    report(
+        f"{name}: allowed again, GET /clothes/ 200 and login 200, no restart",
+        (read[0], login[0]) == (200, 200),
+        f"GET /clothes/ {shown(read)}, login {shown(login)}",
+    )
+    away_log(server, name, {"GET /clothes/": 1, "POST /login": 1}, since)
+
+
+def postgresql_terminated(server, database_url, token, seconds=2, every=0.01):
+    """pg_terminate_backend on the app's connections, over and over, under 10 reads a second.
+
+    Every `every` s for `seconds`: connections idle in the pool, new ones, ones in a query.
+    Each read 200, or 503 with Retry-After: never a 500.
+    """
+    name = "PostgreSQL, pg_terminate_backend on the app's connections, 10 reads a second"
+    since = len(server_log(server))
+    database = sqlalchemy.make_url(database_url).database
+    seen, done, ended, failed = [], threading.Event(), [], []
+    reader = threading.Thread(
+        target=lambda: seen.extend(keep_reading(server, token, 30, 0.1, done))
+    )
+    reader.start()
+    time.sleep(1)
+    try:
+        with superuser(database_url) as connection:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and len(ended) < seconds / every:
+                ended.append(end_connections(connection, database))
+                time.sleep(every)
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        failed.append(str(error).splitlines()[0])
+    last = time.monotonic()
+    time.sleep(3)
+    done.set()
+    reader.join(timeout=30)
+    if failed or not sum(ended):
+        return report(name, False, f"could not end the app's connections: {failed or ended}")
+    statuses = [status for _, status, _ in seen]
+    wrong = [(s, r) for _, s, r in seen if s != 200 and not (s == 503 and (r or "").isdigit())]
+    report(
+        f"{name}: each 200, or 503 with Retry-After, never a 500",
+        bool(statuses) and not wrong,
+        f"{sum(ended)} connections ended in {len(ended)} calls; statuses {counted(statuses)}"
+        + (f"; wrong: {wrong[:3]}" if wrong else ""),
+    )
+    after = [status for sent, status, _ in seen if sent > last + 2]
+    report(
+        f"{name}: reads 200 from 2 s after the last, the app not restarted",
+        server.poll() is None and bool(after) and after == [200] * len(after),
+        f"statuses {counted(after)}; server {'running' if server.poll() is None else 'stopped'}",
+    )
+    tracebacks, which = tracebacks_in(server_log(server)[since:])
+    report(f"{name}: no traceback in the log", not tracebacks, which)
 
 
 def pg_ctl(command, *action):
