@@ -11,7 +11,8 @@ bcrypt's default cost, for the timings of the hashing line and of the login thro
 (lesson sections 12 and 7). Then a database that stops answering (section 15): SQLite
 locked by another process, SQLite read-only, and on PostgreSQL a table locked, new
 connections refused, the app's connections ended, and the server stopped for 5 s (through
-PG_CTL, which .ci/run sets): 503, never a 500 or a hang.
+PG_CTL, which .ci/run sets): 503, never a 500 or a hang. On both, a lock taken while a
+right password is hashed: 503, and its attempt forgotten once the lock is let go.
 Then starts the app must refuse (a short secret, a .jwt_secret that is not text, a
 users table from part 3, a number setting out of range, a wrong DATABASE_URL), alone
 and with --workers 2: one message, no traceback, stop.
@@ -19,6 +20,7 @@ One line per check, then "N passed, M failed"; exit 1 if any failed.
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import http.client
@@ -1473,6 +1475,190 @@ def no_user_left(workdir, name, emails):
     report(f"{name}: the failed registrations left no user row", rows == 0, f"{rows} rows")
 
 
+# --- Section 15: a right password while the database is locked --------------------
+
+# One hash at this cost takes about 0.4 s on CI's 2 cores (0.19 s at 12, and twice that on a
+# busy machine): 20 times the 20 ms between two looks for the login's claim, so the lock is
+# taken while the hash runs, and the forget after it meets the lock.
+SLOW_ROUNDS = 13
+FAILURES = "SELECT failed_at FROM failed_logins WHERE email = :email"
+
+
+def poll(condition, seconds, every):
+    """Ask condition() every `every` s for at most `seconds`: how long it took, or None."""
+    started = time.monotonic()
+    for _ in range(int(seconds / every) + 1):
+        if condition():
+            return time.monotonic() - started
+        if time.monotonic() - started > seconds:
+            break
+        time.sleep(every)
+    return None
+
+
+@contextlib.contextmanager
+def failures_reader(database_url):
+    """Yields failures(email): the failed_at of each failed_logins row of email, read at once.
+
+    SQLite read-only (WAL: a reader never waits for a writer), PostgreSQL in autocommit with
+    a statement_timeout of 1 s: a look never waits for the app.
+    """
+    url = sqlalchemy.make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database).resolve().as_uri() + "?mode=ro"
+        reader = sqlite3.connect(path, uri=True, timeout=0.2, isolation_level=None)
+        try:
+            yield lambda email: [row[0] for row in reader.execute(FAILURES, {"email": email})]
+        finally:
+            reader.close()
+        return
+    engine = sqlalchemy.create_engine(
+        url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool
+    )
+    try:
+        with engine.connect() as reader:
+            reader.execute(sqlalchemy.text("SET statement_timeout = 1000"))
+            query = sqlalchemy.text(FAILURES)
+            yield lambda email: list(reader.execute(query, {"email": email}).scalars())
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def sqlite_write_lock_held(database_url):
+    """SQLite's write lock, from this process, as a backup takes it: yields failures(email)."""
+    path = sqlalchemy.make_url(database_url).database
+    holder = sqlite3.connect(path, isolation_level=None, timeout=1)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, until the connection closes
+        yield lambda email: [row[0] for row in holder.execute(FAILURES, {"email": email})]
+    finally:
+        holder.close()  # rolls back, and so lets go of the lock
+
+
+@contextlib.contextmanager
+def failed_logins_locked(database_url):
+    """PostgreSQL: failed_logins in ACCESS EXCLUSIVE mode, from another connection.
+
+    Yields failures(email), read under the lock: any other connection's read would wait.
+    """
+    engine = sqlalchemy.create_engine(database_url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as holder, holder.begin():  # commits, and lets go, at the end
+            holder.execute(sqlalchemy.text("SET LOCAL lock_timeout = '2s'"))
+            holder.execute(sqlalchemy.text("LOCK TABLE failed_logins IN ACCESS EXCLUSIVE MODE"))
+            query = sqlalchemy.text(FAILURES)
+            yield lambda email: list(holder.execute(query, {"email": email}).scalars())
+    finally:
+        engine.dispose()
+
+
+def forgotten_when_back(server, name, database_url, hold):
+    """A right password whose forget meets a lock (lesson sections 7 and 15, issue 22).
+
+    The login's claim row appears, then `hold` locks the database before the hash ends: the
+    forget after the hash fails, 503. Once the lock is let go, the claim row must go
+    (write_when_back), and a wrong password sent at once must stay counted.
+    """
+    email = "locked-login@example.com"
+    register = timed_exchange(server, "POST", "/register", {**USER, "email": email})
+    if register[0] != 201:
+        return report(name, False, f"could not register: {shown(register)}")
+    answers = []
+
+    def log_in(password):
+        login = {"email": email, "password": password}
+        answers.append((password, timed_exchange(server, "POST", "/login", login)))
+
+    right = threading.Thread(target=log_in, args=(PASSWORD,))
+    wrong = threading.Thread(target=log_in, args=(WRONG,))
+    sent = time.time()  # wall clock: the app writes failed_at with time.time()
+    try:
+        with failures_reader(database_url) as failures:
+            right.start()
+            claimed = poll(lambda: any(t >= sent for t in failures(email)), 10, 0.02)
+            if claimed is None:
+                right.join(timeout=40)
+                return report(name, False, f"no claim row within 10 s; login {answers}")
+            with hold(database_url) as failures_under_lock:
+                locked = time.monotonic()
+                right.join(timeout=40)  # the rest of its hash, then 5 s on the lock
+                answered = time.monotonic()
+                kept = failures_under_lock(email)
+            released, let_go = time.time(), time.monotonic()
+            wrong.start()  # its claim comes before the retry, a second after the 503
+            gone = poll(lambda: min(failures(email), default=released) >= released, 3, 0.05)
+            wrong.join(timeout=40)
+            left = failures(email)
+    except (sqlite3.Error, sqlalchemy.exc.SQLAlchemyError) as error:
+        for thread in (right, wrong):
+            if thread.is_alive():
+                thread.join(timeout=40)
+        return report(name, False, f"could not lock or read: {str(error).splitlines()[0]}")
+    first = dict(answers).get(PASSWORD, (None, None, 0.0))
+    # After the lock: the rest of the hash, then 5 s on the lock. A hash is about the
+    # registration's time; twice that, for a busy machine, where hashing threads wait last.
+    hashed = register[2]
+    report(
+        f"{name}: the login answers 503 with Retry-After, within 7 s of the lock and 2 hashes",
+        first[0] == 503
+        and (first[1] or "").isdigit()
+        and answered - locked < AWAY_SECONDS + 2 * hashed,
+        f"{shown(first)}; {answered - locked:.1f} s after the lock, taken {claimed:.2f} s "
+        f"after the login; a hash (the registration) {hashed:.1f} s",
+    )
+    report(
+        f"{name}: while the lock is held, its attempt is still counted",
+        len([t for t in kept if t >= sent]) == 1,
+        f"{len(kept)} failed_logins rows under the lock",
+    )
+    old = [t for t in left if t < released]
+    report(
+        f"{name}: let go, its attempt is forgotten within 3 s",
+        gone is not None and not old,
+        f"no row from before the release {gone:.1f} s after it"
+        if gone is not None
+        else f"{len(old)} rows from before the release left after 3 s",
+    )
+    second = dict(answers).get(WRONG, (None, None, 0.0))
+    new = [t for t in left if t >= released]
+    report(
+        f"{name}: a wrong password sent as it is let go answers 401 and stays counted",
+        second[0] == 401 and len(new) == 1,
+        f"{shown(second)}; {len(new)} rows from after the release, "
+        f"{time.monotonic() - let_go:.1f} s after it",
+    )
+    again = timed_exchange(server, "POST", "/login", {"email": email, "password": PASSWORD})
+    report(f"{name}: then the right password logs in, 200", again[0] == 200, shown(again))
+
+
+def right_password_while_locked():
+    """SQLite: another process takes the write lock while a right password is hashed.
+
+    The user registers on this server, so the stored hash has its cost: a login's verify
+    takes as long as the hash it checks.
+    """
+    workdir = new_workdir()
+    (workdir / ".env").write_text(f"JWT_SECRET={SECRET}\nBCRYPT_ROUNDS={SLOW_ROUNDS}\n")
+    name = "SQLite locked during a right password's hash"
+    server = start_server(workdir)
+    forgotten_when_back(server, name, f"sqlite:///{workdir / 'clothes.db'}", sqlite_write_lock_held)
+    stop_server(server)
+    away_log(server, name, {"POST /login": 1})
+
+
+def postgresql_right_password_while_locked(workdir, database_url, settings):
+    """PostgreSQL: failed_logins locked while a right password is hashed.
+
+    Its own server: the others' cost of 4 hashes in a millisecond, too quick to lock in.
+    """
+    name = "PostgreSQL, failed_logins locked during a right password's hash"
+    server = start_server(workdir, **{**settings, "BCRYPT_ROUNDS": str(SLOW_ROUNDS)})
+    forgotten_when_back(server, name, database_url, failed_logins_locked)
+    stop_server(server)
+    away_log(server, name, {"POST /login": 1})
+
+
 def read_only_prefix():
     """The command that starts a server for which a file's mode 0444 means read-only.
 
@@ -1546,6 +1732,7 @@ def postgresql_away(database_url):
     else:
         print("SKIP  PostgreSQL stopped for 5 s: PG_CTL is not set (.ci/run sets it)", flush=True)
     stop_server(server)
+    postgresql_right_password_while_locked(workdir, database_url, settings)
 
 
 def postgresql_lock(server, database_url, token):
@@ -1794,6 +1981,7 @@ def main():
         workers_share_one_secret()
         default_cost_workers()
         sqlite_write_lock()
+        right_password_while_locked()
         sqlite_read_only()
         if os.environ.get("TEST_DATABASE_URL"):
             postgresql_workers(os.environ["TEST_DATABASE_URL"])
