@@ -24,6 +24,7 @@ import traceback  # 13
 import unicodedata  # 11
 from concurrent.futures import ThreadPoolExecutor  # 12
 from contextlib import asynccontextmanager
+from contextlib import nullcontext  # 12
 from datetime import datetime
 from datetime import timedelta  # 1.2
 from datetime import timezone
@@ -596,7 +597,6 @@ async def login(credentials: UserLogin, request: Request):
         password = user["password"]
         password_ok = await run_hashing(request, pwd_context.verify, credentials.password, password)
     if not password_ok:
-        note_failure(address)  # 12
         raise unauthorized("Incorrect email or password.")
     await forget_failures(credentials.email, address)  # 7
     await remember_login(credentials.email, address)  # 7
@@ -814,20 +814,17 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
     moment cannot all pass a check that none of them has counted in yet.
     """
     now = time.time()
-    if under_a_flood() and failed_from.get(address, 0) > now - 3600:  # 12
-        # Addresses that failed lately get only half of the hashing line, and their 503
-        # after a pause, so that they cannot come straight back.
-        await asyncio.sleep(BUSY_PAUSE_SECONDS)
-        raise too_busy()
+    if await is_known_login(email, address, now):  # 12
+        request.state.known_login = (email, address)  # run_hashing lets it go ahead
+    if no_place_in_line(request):  # 12
+        # What run_hashing would refuse is refused before it is counted: a user
+        # turned away by a busy server has not failed, and a flood writes nothing.
+        raise await turned_away(request)
     if await request.is_disconnected():  # 12
         raise client_gone()
     # One claim at a time in this worker: a burst of hundreds would otherwise wait on
     # SQLite's write lock past its 5 seconds ("database is locked"). A claim is quick.
     async with held_within(claims_one_at_a_time, DATABASE_WAIT_SECONDS):
-        if hashing_line_is_full():  # 12
-            # What run_hashing would refuse is refused before it is counted: a user
-            # turned away by a busy server has not failed, and a flood writes nothing.
-            raise too_busy()
         async with database.transaction():  # a 429 rolls it back: a refusal is not counted
             if database.url.dialect == "postgresql":
                 # One at a time per email and per address (SQLite: the INSERT locks the
@@ -1143,22 +1140,31 @@ def time_one_hash() -> float:
 
 
 # No hash should wait more than about 2 seconds. Past that many in line, a request gets
-# 503 at once instead of queueing behind a flood for minutes.
+# 503 instead of queueing behind a flood for minutes.
 MAX_HASHES_IN_LINE = max(CORES, round(CORES * 2 / time_one_hash()))
-BUSY_PAUSE_SECONDS = 1
+BUSY_PAUSE_SECONDS = 2  # as long as the Retry-After of the 503 it delays
 hashing_threads = asyncio.Semaphore(CORES)
 hashes_in_line = 0
+# Users returning to an address they logged in from (known_logins, 7) go ahead of
+# strangers, one login each at a time. Strangers get half the line.
+going_ahead: set[tuple[str, str]] = set()
 
 
-def hashing_line_is_full() -> bool:
-    return hashes_in_line >= MAX_HASHES_IN_LINE
+def goes_ahead(request: Request) -> bool:
+    known_login = getattr(request.state, "known_login", None)  # set by claim_attempt
+    return known_login is not None and known_login not in going_ahead
 
 
-def under_a_flood() -> bool:
-    return hashes_in_line >= MAX_HASHES_IN_LINE // 2
+def no_place_in_line(request: Request) -> bool:
+    if goes_ahead(request):
+        return hashes_in_line >= MAX_HASHES_IN_LINE
+    return hashes_in_line >= max(1, MAX_HASHES_IN_LINE // 2)
 
 
-def too_busy() -> HTTPException:
+async def turned_away(request: Request) -> HTTPException:
+    if not goes_ahead(request):
+        # A stranger's 503 comes after a pause, so that a flood cannot come straight back.
+        await asyncio.sleep(BUSY_PAUSE_SECONDS)
     return HTTPException(
         status.HTTP_503_SERVICE_UNAVAILABLE,
         "Too many passwords to check at once: try again in a moment.",
@@ -1172,11 +1178,17 @@ def client_gone() -> HTTPException:
 
 async def run_hashing(request: Request, function, *args):
     global hashes_in_line
-    if hashing_line_is_full():
-        raise too_busy()
+    if no_place_in_line(request):
+        raise await turned_away(request)
+    # Checked and counted with no await between: a burst cannot pass the check together.
+    ahead = goes_ahead(request)
     hashes_in_line += 1
+    if ahead:
+        going_ahead.add(request.state.known_login)
     try:
-        async with hashing_threads:  # wait here, on the event loop, for a free thread
+        # Strangers wait here, on the event loop, for a free thread. A returning user is
+        # next in the pool's own queue: the next thread that is free is theirs.
+        async with nullcontext() if ahead else hashing_threads:
             # Checked just before the hash: a client that has hung up costs no hash.
             if await request.is_disconnected():
                 raise client_gone()
@@ -1184,19 +1196,8 @@ async def run_hashing(request: Request, function, *args):
             return await loop.run_in_executor(hashing_pool, function, *args)
     finally:
         hashes_in_line -= 1
-
-
-# When each address last failed a login, as this worker saw it: it only decides who waits
-# under a flood, so it needs no database. Each entry cost its address a hash.
-failed_from: dict[str, float] = {}
-
-
-def note_failure(address: str) -> None:
-    now = time.time()
-    failed_from[address] = now
-    if len(failed_from) > 10_000:  # keep it small: forget the addresses older than an hour
-        for old in [key for key, when in failed_from.items() if when < now - 3600]:
-            del failed_from[old]
+        if ahead:
+            going_ahead.discard(request.state.known_login)
 
 
 # A refresh costs no hash: a client could refresh hundreds of times a second, a new row each

@@ -1798,9 +1798,10 @@ def test_11_commands_normalise_an_email_as_the_api_does(app_dir, db, monkeypatch
 # --- 12 A flood ------------------------------------------------------------------------------
 
 
-def test_12_a_full_hashing_line_is_503_at_once(app_dir, monkeypatch):
+def test_12_a_full_hashing_line_is_503(app_dir, monkeypatch):
     module = load_app(app_dir)
     patch_app(monkeypatch, module, "MAX_HASHES_IN_LINE", 1)
+    patch_app(monkeypatch, module, "BUSY_PAUSE_SECONDS", 0)  # no need to wait in a test
     hashing, release = threading.Event(), threading.Event()
     real_hash = CryptContext.hash
 
@@ -1816,12 +1817,14 @@ def test_12_a_full_hashing_line_is_503_at_once(app_dir, monkeypatch):
         busy = client.post("/register", json={**BODY, "email": "bob@example.com"})
         release.set()
         expect(first.result(timeout=10), 201, "12: the first in line is served")
-    expect(busy, 503, "12: past MAX_HASHES_IN_LINE, answer 503 at once (run_hashing)")
+    expect(busy, 503, "12: past MAX_HASHES_IN_LINE, answer 503, not a wait (run_hashing)")
     assert busy.headers.get("retry-after") == "2", "12: say when to come back: Retry-After"
 
 
 class HungUp:
     """A request whose client has gone: what run_hashing sees after a hang-up."""
+
+    state = types.SimpleNamespace()
 
     async def is_disconnected(self):
         return True
@@ -1840,32 +1843,90 @@ def test_12_a_login_turned_away_by_a_busy_server_is_not_counted(app_dir, db, mon
     module = load_app(app_dir)
     with TestClient(module.app) as client:
         register(client)
-        patch_app(monkeypatch, module, "MAX_HASHES_IN_LINE", 0)  # the line is full
+        patch_app(monkeypatch, module, "MAX_HASHES_IN_LINE", 10)
+        patch_app(monkeypatch, module, "hashes_in_line", 10)  # the line is full
         for _ in range(6):
             expect(client.post("/login", json=RIGHT), 503, "12")
         assert rows(db, "SELECT id FROM failed_logins") == [], (
             "12: refuse what run_hashing would refuse before claim_attempt writes it down"
         )
-        monkeypatch.setattr(module, "MAX_HASHES_IN_LINE", 10)
+        monkeypatch.setattr(module, "hashes_in_line", 0)
         expect(client.post("/login", json=RIGHT), 200, "12: six 503s are no six failures")
 
 
-def test_12_under_a_flood_failing_addresses_get_half_the_line(app_dir, db, monkeypatch):
+def test_12_under_a_flood_a_returning_user_goes_ahead_of_strangers(app_dir, monkeypatch):
     module = load_app(app_dir)
+    stranger = {"email": "eve@example.com", "password": "correct horse"}
     with TestClient(module.app) as client:
-        register(client)
+        register(client)  # Ada is known from this address now (known_logins, 7)
         patch_app(monkeypatch, module, "MAX_HASHES_IN_LINE", 10)
-        patch_app(monkeypatch, module, "BUSY_PAUSE_SECONDS", 0)  # no need to wait in a test
+        patch_app(monkeypatch, module, "BUSY_PAUSE_SECONDS", 0.2)
         patch_app(monkeypatch, module, "hashes_in_line", 5)  # half full, as under a flood
-        expect(client.post("/login", json=RIGHT), 200, "12: an address with no failures")
-        monkeypatch.setattr(module, "hashes_in_line", 0)
-        expect(client.post("/login", json=WRONG), 401, "12")  # now this address has failed
-        monkeypatch.setattr(module, "hashes_in_line", 5)
-        response = client.post("/login", json=RIGHT)
-        expect(response, 503, "12: an address that failed in the last hour waits for less")
-        assert response.headers.get("retry-after") == "2"
+        expect(client.post("/login", json=RIGHT), 200, "12: a returning user goes ahead")
+        started = time.monotonic()
+        refused = client.post("/login", json=stranger)
+        expect(refused, 503, "12: under a flood, a stranger gets half the line (no_place_in_line)")
+        assert refused.headers.get("retry-after") == "2"
+        assert time.monotonic() - started >= 0.2, (
+            "12: a stranger's 503 comes after BUSY_PAUSE_SECONDS (turned_away)"
+        )
+        patch_app(monkeypatch, module, "going_ahead", {(RIGHT["email"], "testclient")})
+        expect(
+            client.post("/login", json=RIGHT),
+            503,
+            "12: one login at a time goes ahead for each email and address (going_ahead)",
+        )
+        monkeypatch.setattr(module, "going_ahead", set())
         monkeypatch.setattr(module, "hashes_in_line", 4)
-        expect(client.post("/login", json=RIGHT), 200, "12: below half, everybody is served")
+        expect(client.post("/login", json=stranger), 401, "12: below half, strangers get in")
+
+
+def test_12_a_returning_user_takes_the_next_free_thread(app_dir, monkeypatch):
+    module = load_app(app_dir)
+    pool = ThreadPoolExecutor(max_workers=2)
+    patch_app(monkeypatch, module, "hashing_pool", pool)
+    patch_app(monkeypatch, module, "hashing_threads", asyncio.Semaphore(2))
+    started, one_more = [], threading.Semaphore(0)
+    real_verify = CryptContext.verify
+
+    def held_dummy_verify(self, *args, **kwargs):
+        started.append("a stranger's hash")
+        one_more.acquire(timeout=5)
+        return False
+
+    def verify(self, secret, hashed, **kwargs):
+        started.append("Ada's login")
+        return real_verify(self, secret, hashed, **kwargs)
+
+    def until(count):
+        deadline = time.monotonic() + 5
+        while len(started) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=4) as requests:
+        register(client)  # Ada is known from this address now (known_logins, 7)
+        monkeypatch.setattr(CryptContext, "dummy_verify", held_dummy_verify)
+        monkeypatch.setattr(CryptContext, "verify", verify)
+        strangers = []
+        for n in range(3):  # two hold both threads, the third waits for one
+            body = {"email": f"bot{n}@example.com", "password": "a guess"}
+            strangers.append(requests.submit(client.post, "/login", json=body))
+            until(min(n + 1, 2))
+        time.sleep(0.2)  # the third stranger waits for a thread
+        login = requests.submit(client.post, "/login", json=RIGHT)
+        time.sleep(0.2)  # Ada waits for a thread too
+        one_more.release()  # one thread is free: whose is it?
+        until(3)
+        one_more.release()
+        one_more.release()
+        expect(login.result(timeout=10), 200, "12")
+        for stranger in strangers:
+            expect(stranger.result(timeout=10), 401, "12: the strangers are answered too")
+    pool.shutdown()
+    assert started.index("Ada's login") == 2, (
+        f"12: hashes started in this order: {started}; Ada, known from this address, takes the "
+        "next free thread, ahead of the strangers waiting on hashing_threads (run_hashing)"
+    )
 
 
 @pytest.fixture
