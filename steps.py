@@ -17,6 +17,7 @@ steps.py undoes that section's diffs, then drops its lines.
 """
 
 import difflib
+import functools
 import re
 import sys
 from pathlib import Path
@@ -114,7 +115,11 @@ def undo(text: str, old: str, new: str, section: str) -> str:
 
 def file_at(text: str, section: str, lesson: str | None = None) -> str:
     """main.py as it stands at the end of `section`."""
-    lesson = LESSON.read_text() if lesson is None else lesson
+    return step_of(text, section, LESSON.read_text() if lesson is None else lesson)
+
+
+@functools.cache  # the tests ask for each step many times: it is worked out once
+def step_of(text: str, section: str, lesson: str) -> str:
     diffs = lesson_diffs(lesson)
     for later in reversed(sections(text, lesson)):
         if order(later) <= order(section):
