@@ -1821,6 +1821,15 @@ def test_12_a_full_hashing_line_is_503(app_dir, monkeypatch):
     assert busy.headers.get("retry-after") == "2", "12: say when to come back: Retry-After"
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_12_hashes_run_only_when_a_core_is_idle(app_dir):
+    module = load_app(app_dir)
+    policy = module.hashing_pool.submit(os.sched_getscheduler, 0).result(timeout=10)
+    assert policy == os.SCHED_IDLE, (
+        "12: lower_priority puts each hashing thread in SCHED_IDLE: reads wait for no hash"
+    )
+
+
 class HungUp:
     """A request whose client has gone: what run_hashing sees after a hang-up."""
 
@@ -1898,9 +1907,9 @@ def test_12_a_returning_user_takes_the_next_free_thread(app_dir, monkeypatch):
         started.append("Ada's login")
         return real_verify(self, secret, hashed, **kwargs)
 
-    def until(count):
+    def until(condition):
         deadline = time.monotonic() + 5
-        while len(started) < count and time.monotonic() < deadline:
+        while not condition() and time.monotonic() < deadline:
             time.sleep(0.01)
 
     with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=4) as requests:
@@ -1911,12 +1920,12 @@ def test_12_a_returning_user_takes_the_next_free_thread(app_dir, monkeypatch):
         for n in range(3):  # two hold both threads, the third waits for one
             body = {"email": f"bot{n}@example.com", "password": "a guess"}
             strangers.append(requests.submit(client.post, "/login", json=body))
-            until(min(n + 1, 2))
-        time.sleep(0.2)  # the third stranger waits for a thread
+            until(lambda count=n + 1: module.hashes_in_line == count)  # hashing, or waiting
         login = requests.submit(client.post, "/login", json=RIGHT)
-        time.sleep(0.2)  # Ada waits for a thread too
+        until(lambda: module.going_ahead)  # Ada is in line too
+        time.sleep(0.1)  # and waits for a thread
         one_more.release()  # one thread is free: whose is it?
-        until(3)
+        until(lambda: len(started) >= 3)
         one_more.release()
         one_more.release()
         expect(login.result(timeout=10), 200, "12")
