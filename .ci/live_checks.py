@@ -8,10 +8,12 @@ there, starts `uvicorn main:app` on 127.0.0.1, attacks it over HTTP from this pr
 --workers 4`: on SQLite with no secret set, and on the PostgreSQL database
 TEST_DATABASE_URL names, if set (it drops its public schema). Then `--workers 2` with
 bcrypt's default cost, for the timings of the hashing line and of the login throttle
-(lesson sections 12 and 7). Then a database that stops answering (section 15): SQLite
-locked by another process, SQLite read-only, and on PostgreSQL a table locked, new
-connections refused, the app's connections ended, and the server stopped for 5 s (through
-PG_CTL, which .ci/run sets): 503, never a 500 or a hang. On both, a lock taken while a
+(lesson sections 12 and 7), and three floods of /login (from fresh addresses, into the
+attacker's own account, from 30 addresses) while a user logs in again from where she did
+before (section 12; on PostgreSQL too). Then a database that stops answering (section
+15): SQLite locked by another process, SQLite read-only, and on PostgreSQL a table locked,
+new connections refused, the app's connections ended, and the server stopped for 5 s
+(through PG_CTL, which .ci/run sets): 503, never a 500 or a hang. On both, a lock taken while a
 right password is hashed: 503, and its attempt forgotten once the lock is let go.
 Then starts the app must refuse (a short secret, a .jwt_secret that is not text, a
 users table from part 3, a number setting out of range, a wrong DATABASE_URL), alone
@@ -35,6 +37,7 @@ import shutil
 import socket
 import sqlite3
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -568,14 +571,18 @@ def tokens_on_many_connections(server, token):
     return statuses.count(200) == 40, f"{statuses.count(200)} of 40 answered 200"
 
 
-def start_four_workers(workdir, name, **settings):
-    """`uvicorn main:app --workers 4`, or None (and a FAIL) if a worker did not start."""
-    server = launch(workdir, 4, **settings)
-    if workers_started(server, 4):
+def start_workers(workdir, name, workers, **settings):
+    """`uvicorn main:app --workers N`, or None (and a FAIL) if a worker did not start."""
+    server = launch(workdir, workers, **settings)
+    if workers_started(server, workers):
         return server
     stop_server(server)
     report(f"{name}: every worker starts", False, log_errors(server_log(server)))
     return None
+
+
+def start_four_workers(workdir, name, **settings):
+    return start_workers(workdir, name, 4, **settings)
 
 
 def token_on_40_connections(server, name, token):
@@ -844,10 +851,9 @@ def default_cost_workers():
     """2 workers, no .env, bcrypt's default cost: hashes take their real time."""
     workdir = new_workdir()
     name = "2 workers, bcrypt's default cost"
-    server = launch(workdir, 2)
-    if not workers_started(server, 2):
-        stop_server(server)
-        return report(f"{name}: every worker starts", False, log_errors(server_log(server)))
+    server = start_workers(workdir, name, 2)
+    if server is None:
+        return
     registered(server, USER["email"])
     login_after_hang_ups(server, name)
     one_address_guessing(server, name)
@@ -856,6 +862,179 @@ def default_cost_workers():
     stop_server(server)
     error = log_errors(server_log(server))
     report(f"{name}: no error or traceback in the log", not error, error or "none")
+
+
+# --- Section 12: floods of /login, and a user returning to her address ----------
+
+FLOOD_SECONDS = 12  # each flood; the probes start after FLOOD_WARM_UP and end before it
+FLOOD_WARM_UP = 2  # the attackers fill the hashing line
+FLOOD_ATTACKERS = 30
+FLOODS = {
+    "fresh": "unknown emails, a fresh address each login",
+    "own": "the attacker's own account and password, a fresh address each login",
+    "fixed": f"unknown emails, from 127.0.4.1 to 127.0.4.{FLOOD_ATTACKERS}",
+}
+RETURNING = {"email": "ada@example.com", "password": PASSWORD}
+RETURNING_ADDRESS = "127.0.9.9"  # she has logged in from there before
+ATTACKER = {"email": "mallory@example.com", "password": PASSWORD}
+# Her first login from each of 127.7.0.1, 127.7.0.2…: a first-time user each time.
+FIRST_TIME_ADDRESSES = (f"127.7.{n // 250}.{n % 250 + 1}" for n in itertools.count())
+
+# The attackers, in a process of their own, so that their threads never make this
+# process's probes wait for its GIL. Each thread logs in, each time on a new connection,
+# as fast as it can until the time is up, obeying no Retry-After; a fresh address is one
+# of the million of 127.16.0.0/12. Prints the count of each answer, as JSON.
+FLOOD_SCRIPT = """
+import collections, http.client, json, random, sys, threading, time
+
+port, kind, attackers, seconds, email, password = sys.argv[1:]
+deadline = time.monotonic() + float(seconds)
+answers, lock = collections.Counter(), threading.Lock()
+
+def attack(number):
+    for tries in range(100_000):
+        if time.monotonic() > deadline:
+            return
+        fresh = random.randrange(1, 2**20 - 1)
+        address = f"127.{16 + (fresh >> 16)}.{(fresh >> 8) & 255}.{fresh & 255}"
+        body = {"email": f"nobody-{number}-{tries}@example.com", "password": f"guess {tries}"}
+        if kind == "fixed":
+            address = f"127.0.4.{number}"
+        if kind == "own":
+            body = {"email": email, "password": password}
+        connection = http.client.HTTPConnection(
+            "127.0.0.1", int(port), timeout=30, source_address=(address, 0)
+        )
+        try:
+            headers = {"Content-Type": "application/json"}
+            connection.request("POST", "/login", json.dumps(body), headers)
+            response = connection.getresponse()
+            response.read()
+            answer = str(response.status)
+        except (OSError, http.client.HTTPException) as error:
+            answer = type(error).__name__
+        finally:
+            connection.close()
+        with lock:
+            answers[answer] += 1
+
+threads = [threading.Thread(target=attack, args=(n,)) for n in range(1, int(attackers) + 1)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(json.dumps(answers))
+"""
+
+
+def repeated(count, every, task):
+    """task() count times, one started every `every` seconds: their results."""
+    results, start = [], time.monotonic()
+    for number in range(count):
+        time.sleep(max(0.0, start + number * every - time.monotonic()))
+        results.append(task())
+    return results
+
+
+def p90_ms(reads):
+    """The 90th percentile of timed reads in ms: a read that was not 200 counts as endless."""
+    seconds = [end - sent if status == 200 else float("inf") for sent, end, status, _ in reads]
+    return 1000 * statistics.quantiles(seconds, n=10, method="inclusive")[-1]
+
+
+def new_address():
+    """An address no login has come from yet."""
+    return next(FIRST_TIME_ADDRESSES)
+
+
+def read(server, token):
+    """A timed GET /clothes/, to call again and again."""
+    return functools.partial(timed, server, "GET", "/clothes/", token=token)
+
+
+def shown_in_time(answer):
+    """A timed answer as '200 0.31 s', or '503 Retry-After 2 2.01 s'."""
+    return f"{shown_timed(answer)} {answer[1] - answer[0]:.2f} s"
+
+
+def login_flood(server, name, kind, token, idle_p90):
+    """One flood. After its warm-up, the returning user logs in from her address once a
+    second, a first-time user (she, from a new address) every 2 s, and a reader reads
+    GET /clothes/ 5 times a second; the last login has 3 s to answer before it ends."""
+    name = f"{name}, {kind} flood ({FLOODS[kind]})"
+    arguments = [str(server.port), kind, str(FLOOD_ATTACKERS), str(FLOOD_SECONDS)]
+    attackers = subprocess.Popen(
+        [sys.executable, "-c", FLOOD_SCRIPT, *arguments, *ATTACKER.values()],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(FLOOD_WARM_UP)
+        seconds = FLOOD_SECONDS - FLOOD_WARM_UP - 3  # 7: the returning user's 8 logins
+        log_in = functools.partial(timed, server, "POST", "/login", RETURNING)
+        returning, first_time, reads = together(
+            [
+                lambda: repeated(seconds + 1, 1, lambda: log_in(source=RETURNING_ADDRESS)),
+                lambda: repeated(seconds // 2 + 1, 2, lambda: log_in(source=new_address())),
+                lambda: repeated(10 * (seconds + 1), 0.1, read(server, token)),
+            ]
+        )
+        output = attackers.communicate(timeout=FLOOD_SECONDS + 60)[0]
+    finally:
+        if attackers.poll() is None:  # it ends by itself; stopped only if something failed
+            attackers.kill()
+            attackers.wait()
+    flooded = json.loads(output or "{}")
+    answers = dict(sorted(flooded.items()))
+    print(f"      ({kind} flood: the attackers' answers {answers})", flush=True)
+    report(
+        f"{name}: the returning user's {len(returning)} logins, one a second, each 200 within 3 s",
+        all(status == 200 and end - sent <= 3 for sent, end, status, _ in returning),
+        ", ".join(map(shown_in_time, returning)),
+    )
+    p90 = p90_ms(reads)
+    report(
+        f"{name}: reads' p90 at most 2x idle",
+        p90 <= 2 * idle_p90,
+        f"{p90:.1f} ms, {p90 / idle_p90:.1f}x the idle {idle_p90:.1f} ms; "
+        f"{counted(statuses_of(reads))} of {len(reads)} reads",
+    )
+    report(
+        f"{name}: first-time users each 200, or 503 with Retry-After, never 500",
+        all(status == 200 or (status == 503 and retry) for _, _, status, retry in first_time),
+        ", ".join(map(shown_in_time, first_time)),
+    )
+
+
+def login_floods(database_url=None):
+    """Section 12: floods of /login against 2 workers at bcrypt's default cost; a user who
+    logged in from her address before gets in at once all the same (SQLite, or PostgreSQL)."""
+    workdir = new_workdir()
+    where = "PostgreSQL" if database_url else "SQLite"
+    name = f"login floods, 2 workers, bcrypt's default cost, {where}"
+    settings = {}
+    if database_url:
+        empty_schema(database_url)
+        settings = {"DATABASE_URL": database_url, "JWT_SECRET": SECRET}
+    server = start_workers(workdir, name, 2, **settings)
+    if server is None:
+        return
+    database_url = database_url or f"sqlite:///{workdir / 'clothes.db'}"
+    registered(server, RETURNING["email"])
+    registered(server, ATTACKER["email"])
+    status, answer = call(server, "POST", "/login", RETURNING, source=RETURNING_ADDRESS)
+    if status != 200:
+        stop_server(server)
+        return report(f"{name}: the returning user's first login", False, status)
+    token = answer["token"]
+    idle = repeated(50, 0.1, read(server, token))
+    for kind in FLOODS:
+        forget_failed_logins(database_url)  # a flood's failures do not count in the next
+        time.sleep(2)  # the strangers' paused 503s end
+        login_flood(server, name, kind, token, p90_ms(idle))
+    stop_server(server)
+    count, seen = tracebacks_in(server_log(server))
+    report(f"{name}: no traceback in the log", count == 0, seen)
 
 
 # --- Section 8: refresh tokens --------------------------------------------------
@@ -1980,11 +2159,13 @@ def main():
         report("no traceback in the server log", tracebacks == 0, f"{tracebacks} found")
         workers_share_one_secret()
         default_cost_workers()
+        login_floods()
         sqlite_write_lock()
         right_password_while_locked()
         sqlite_read_only()
         if os.environ.get("TEST_DATABASE_URL"):
             postgresql_workers(os.environ["TEST_DATABASE_URL"])
+            login_floods(os.environ["TEST_DATABASE_URL"])
             postgresql_away(os.environ["TEST_DATABASE_URL"])
         else:
             print("SKIP  PostgreSQL with 4 workers: TEST_DATABASE_URL is not set", flush=True)
