@@ -1,4 +1,4 @@
-"""How the lesson app holds up under load: python bench.py (about 2 minutes).
+"""How the lesson app holds up under load: python bench.py (about 5 minutes).
 
 It copies main.py into a temporary directory, starts the real server there
 (uvicorn on 127.0.0.1, a fresh SQLite database, the default bcrypt cost), and
