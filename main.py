@@ -782,7 +782,7 @@ def too_many_failures(seconds: float) -> HTTPException:
     )
 
 
-async def check_throttle(email: str, address: str, now: float, *others) -> None:
+async def check_throttle(email: str, address: str, now: float, known: bool, *others) -> None:
     """Refuse with 429 while this login must wait. `others` picks the failures that count."""
     hour_ago = now - 3600
     by_email = failed_logins.c.email == email
@@ -795,7 +795,7 @@ async def check_throttle(email: str, address: str, now: float, *others) -> None:
             raise too_many_failures(last + wait - now)
     # A login that succeeded from this address before is no stranger: the caps below, which
     # an attacker can fill, do not lock it out (OWASP's "device cookies", by address).
-    if await is_known_login(email, address, now):
+    if known:
         return
     # From every address, and for every email: each at most 100 an hour.
     for rule in (by_email, by_address):
@@ -814,7 +814,8 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
     moment cannot all pass a check that none of them has counted in yet.
     """
     now = time.time()
-    if await is_known_login(email, address, now):  # 12
+    known = await is_known_login(email, address, now)
+    if known:  # 12
         request.state.known_login = (email, address)  # run_hashing lets it go ahead
     if no_place_in_line(request):  # 12
         # What run_hashing would refuse is refused before it is counted: a user
@@ -836,7 +837,7 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
             id_ = await database.execute(
                 failed_logins.insert().values(email=email, address=address, failed_at=now)
             )
-            await check_throttle(email, address, now, failed_logins.c.id != id_)
+            await check_throttle(email, address, now, known, failed_logins.c.id != id_)
             # Only the last hour counts: older rows go, so the table does not grow forever.
             old = failed_logins.c.failed_at < now - 3600
             await database.execute(failed_logins.delete().where(old))
