@@ -1142,6 +1142,17 @@ def shown_timed(answer):
     return f"{status}" + (f" Retry-After {retry_after}" if retry_after else "")
 
 
+def refused_after(answers, status, most):
+    """Each answer `status` but the last, refused with Retry-After, and at most `most` in all."""
+    statuses = statuses_of(answers)
+    return (
+        bool(answers)
+        and refused(answers[-1])
+        and statuses[:-1] == [status] * (len(answers) - 1)
+        and len(answers) <= most
+    )
+
+
 def statuses_of(answers):
     return [status for _, _, status, _ in answers]
 
@@ -1254,10 +1265,7 @@ def prankster_in_class(server, where=""):
     statuses = statuses_of(guesses)
     report(
         f"{name}: made-up emails, 429 with Retry-After after at most 100 401s, no 500",
-        bool(guesses)
-        and refused(guesses[-1])
-        and statuses[:-1] == [401] * (len(guesses) - 1)
-        and len(guesses) <= 101,
+        refused_after(guesses, 401, most=101),
         f"{counted(statuses)} in {time.monotonic() - started:.1f} s, "
         f"the last with Retry-After {guesses[-1][3] if guesses else None}",
     )
@@ -1372,10 +1380,7 @@ def register_probing(server, where=""):
     statuses = statuses_of(seen)
     report(
         f"{name}: a taken email again and again, at most 5 409s then 429 with Retry-After",
-        bool(seen)
-        and refused(seen[-1])
-        and statuses[:-1] == [409] * (len(seen) - 1)
-        and len(seen) <= 6,
+        refused_after(seen, 409, most=6),
         f"{'+'.join(map(str, statuses))}, Retry-After {seen[-1][3] if seen else None}",
     )
     tasks = [functools.partial(timed, server, "POST", "/register", body, source=source)] * 5
