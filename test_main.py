@@ -195,6 +195,13 @@ def in_one_hour():
     return datetime.now(timezone.utc) + timedelta(hours=1)
 
 
+def until(condition, seconds=5):
+    """Ask condition() every 10 ms until it holds, for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def patch_app(monkeypatch, module, name, value):
     """Set one of the app's names for this test only."""
     getattr(module, name)  # a missing name fails naming the section that adds it
@@ -1907,11 +1914,6 @@ def test_12_a_returning_user_takes_the_next_free_thread(app_dir, monkeypatch):
         started.append("Ada's login")
         return real_verify(self, secret, hashed, **kwargs)
 
-    def until(condition):
-        deadline = time.monotonic() + 5
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.01)
-
     with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=4) as requests:
         register(client)  # Ada is known from this address now (known_logins, 7)
         monkeypatch.setattr(CryptContext, "dummy_verify", held_dummy_verify)
@@ -2618,9 +2620,7 @@ def test_15_a_right_password_is_not_left_counted_as_a_failure(
         wrong = client.post("/login", json={"email": BODY["email"], "password": "wrong horse"})
         expect(wrong, 401, "4: a wrong password is 401")
         # The right password's attempt goes once the database answers; the wrong one stays.
-        deadline = time.monotonic() + 2.5
-        while len(rows(db, "SELECT id FROM failed_logins")) > 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        until(lambda: len(rows(db, "SELECT id FROM failed_logins")) <= 1, seconds=2.5)
         left = rows(db, "SELECT id FROM failed_logins")
         assert len(left) == 1, (
             f"15: {len(left)} failures left, not 1: a right password is forgotten once the "
