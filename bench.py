@@ -635,6 +635,8 @@ def hashing_throughput(port, cost):
         rates[path] = statistics.median(rate for rate, _ in runs)
         busy[path] = sum(count for _, count in runs)  # all rounds: there should be none
         row(f"POST {path}", rates[path], ceiling, f"{rates[path] / ceiling:.0%}", busy[path])
+    print("   (the logins come from addresses where the user logged in before; a sign-up is a")
+    print("   stranger's hash, and strangers hash on half the cores: lesson section 12)")
     share = rates["/login"] / ceiling
     goal(f"logins at 90% of the ceiling or more: {share:.0%}", share >= 0.9)
     asked = ROUNDS * 4 * CORES * 3

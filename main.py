@@ -1148,10 +1148,11 @@ def time_one_hash() -> float:
 # 503 instead of queueing behind a flood for minutes.
 MAX_HASHES_IN_LINE = max(CORES, round(CORES * 2 / time_one_hash()))
 BUSY_PAUSE_SECONDS = 2  # as long as the Retry-After of the 503 it delays
-hashing_threads = asyncio.Semaphore(CORES)
+hashing_threads = asyncio.Semaphore(max(1, CORES // 2))  # the strangers' threads
 hashes_in_line = 0
 # Users returning to an address they logged in from (known_logins, 7) go ahead of
-# strangers, one login each at a time. Strangers get half the line.
+# strangers, one login each at a time. Strangers get half the line and half the threads:
+# the other half is free for the returning users.
 going_ahead: set[tuple[str, str]] = set()
 
 
@@ -1191,8 +1192,8 @@ async def run_hashing(request: Request, function, *args):
     if ahead:
         going_ahead.add(request.state.known_login)
     try:
-        # Strangers wait here, on the event loop, for a free thread. A returning user is
-        # next in the pool's own queue: the next thread that is free is theirs.
+        # Strangers wait here, on the event loop, for one of their threads. A returning
+        # user goes straight to the pool, whose other threads strangers never hold.
         async with nullcontext() if ahead else hashing_threads:
             # Checked just before the hash: a client that has hung up costs no hash.
             if await request.is_disconnected():

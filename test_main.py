@@ -1940,6 +1940,36 @@ def test_12_a_returning_user_takes_the_next_free_thread(app_dir, monkeypatch):
     )
 
 
+def test_12_strangers_leave_threads_free_for_returning_users(app_dir, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # CORES: two hashing threads
+    module = load_app(app_dir)
+    held, done = [], threading.Event()
+
+    def held_dummy_verify(self, *args, **kwargs):
+        held.append("a stranger's hash")
+        done.wait(timeout=3)
+        return False
+
+    with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=2) as requests:
+        register(client)  # Ada is known from this address now (known_logins, 7)
+        monkeypatch.setattr(CryptContext, "dummy_verify", held_dummy_verify)
+        strangers = []
+        for n in range(2):
+            body = {"email": f"bot{n}@example.com", "password": "a guess"}
+            strangers.append(requests.submit(client.post, "/login", json=body))
+        until(lambda: module.hashes_in_line == 2)  # hashing, or waiting for a thread
+        time.sleep(0.1)
+        expect(client.post("/login", json=RIGHT), 200, "12")
+        hashing = len(held)
+        done.set()
+        for stranger in strangers:
+            expect(stranger.result(timeout=10), 401, "12: the strangers are answered too")
+    assert hashing == 1, (
+        f"12: {hashing} strangers hashed at once on 2 cores, so Ada waited for one of them: "
+        "strangers get half the threads (hashing_threads), the rest are kept for returning users"
+    )
+
+
 @pytest.fixture
 def connections(monkeypatch):
     """Count the connections the app takes from the database driver and gives back:
