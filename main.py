@@ -841,6 +841,7 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
             # Only the last hour counts: older rows go, so the table does not grow forever.
             old = failed_logins.c.failed_at < now - 3600
             await database.execute(failed_logins.delete().where(old))
+    request.state.claim = id_  # 12
 
 
 # Who has logged in from where, in the last 30 days.
@@ -1182,9 +1183,18 @@ def client_gone() -> HTTPException:
     return HTTPException(499, "The client hung up.")  # nginx's code for it; nobody reads it
 
 
+async def take_back_claim(request: Request) -> None:
+    # A burst may fill the line after claim_attempt checked it: a login turned away
+    # here has not been checked, so it has not failed either.
+    claim = getattr(request.state, "claim", None)
+    if claim is not None:
+        await database.execute(failed_logins.delete().where(failed_logins.c.id == claim))
+
+
 async def run_hashing(request: Request, function, *args):
     global hashes_in_line
     if no_place_in_line(request):
+        await take_back_claim(request)
         raise await turned_away(request)
     # Checked and counted with no await between: a burst cannot pass the check together.
     ahead = goes_ahead(request)

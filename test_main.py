@@ -21,6 +21,7 @@ import asyncio
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -1868,6 +1869,23 @@ def test_12_a_login_turned_away_by_a_busy_server_is_not_counted(app_dir, db, mon
         )
         monkeypatch.setattr(module, "hashes_in_line", 0)
         expect(client.post("/login", json=RIGHT), 200, "12: six 503s are no six failures")
+
+
+def test_12_a_login_turned_away_after_its_claim_is_not_counted(app_dir, db, monkeypatch):
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        register(client)
+        # A burst fills the line between claim_attempt's check and run_hashing's.
+        room_then_full = itertools.cycle([False, True])
+        patch_app(monkeypatch, module, "no_place_in_line", lambda request: next(room_then_full))
+        for _ in range(5):  # five failures in a row would be a 429 next
+            expect(client.post("/login", json=RIGHT), 503, "12")
+        assert rows(db, "SELECT id FROM failed_logins") == [], (
+            "12: a login that run_hashing turns away was never checked: take_back_claim "
+            "deletes the claim that claim_attempt wrote (request.state.claim)"
+        )
+        monkeypatch.setattr(module, "no_place_in_line", lambda request: False)
+        expect(client.post("/login", json=RIGHT), 200, "12: five 503s are no five failures")
 
 
 def test_12_under_a_flood_a_returning_user_goes_ahead_of_strangers(app_dir, monkeypatch):
