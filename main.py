@@ -841,7 +841,7 @@ async def claim_attempt(request: Request, email: str, address: str) -> None:
             # Only the last hour counts: older rows go, so the table does not grow forever.
             old = failed_logins.c.failed_at < now - 3600
             await database.execute(failed_logins.delete().where(old))
-    request.state.claim = id_  # 12
+    request.state.claim = (id_, now)  # 12
 
 
 # Who has logged in from where, in the last 30 days.
@@ -1152,8 +1152,8 @@ BUSY_PAUSE_SECONDS = 2  # as long as the Retry-After of the 503 it delays
 hashing_threads = asyncio.Semaphore(max(1, CORES // 2))  # the strangers' threads
 hashes_in_line = 0
 # Users returning to an address they logged in from (known_logins, 7) go ahead of
-# strangers, one login each at a time. Strangers get half the line and half the threads:
-# the other half is free for the returning users.
+# strangers, one login each at a time. Strangers get half the line and at most half the
+# threads (the one thread of a single core): the others are kept for returning users.
 going_ahead: set[tuple[str, str]] = set()
 
 
@@ -1184,11 +1184,14 @@ def client_gone() -> HTTPException:
 
 
 async def take_back_claim(request: Request) -> None:
-    # A burst may fill the line after claim_attempt checked it: a login turned away
-    # here has not been checked, so it has not failed either.
+    # A burst may fill the line after claim_attempt checked it: a request turned away
+    # here has not failed, so its claim goes. Not by id alone: SQLite gives the id of a
+    # row forget_failures deleted to the next claim, maybe another's.
     claim = getattr(request.state, "claim", None)
     if claim is not None:
-        await database.execute(failed_logins.delete().where(failed_logins.c.id == claim))
+        id_, failed_at = claim
+        mine = (failed_logins.c.id == id_) & (failed_logins.c.failed_at == failed_at)
+        await database.execute(failed_logins.delete().where(mine))
 
 
 async def run_hashing(request: Request, function, *args):
@@ -1203,7 +1206,7 @@ async def run_hashing(request: Request, function, *args):
         going_ahead.add(request.state.known_login)
     try:
         # Strangers wait here, on the event loop, for one of their threads. A returning
-        # user goes straight to the pool, whose other threads strangers never hold.
+        # user goes straight to the pool, where the others are kept for them.
         async with nullcontext() if ahead else hashing_threads:
             # Checked just before the hash: a client that has hung up costs no hash.
             if await request.is_disconnected():

@@ -1888,6 +1888,32 @@ def test_12_a_login_turned_away_after_its_claim_is_not_counted(app_dir, db, monk
         expect(client.post("/login", json=RIGHT), 200, "12: five 503s are no five failures")
 
 
+def test_12_a_request_turned_away_takes_back_only_its_own_claim(app_dir, db, monkeypatch):
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        token = register(client)
+        real_remember = module.remember_login
+
+        async def remember_while_another_guesses(email, address):
+            await real_remember(email, address)
+            # Meanwhile someone's wrong guess at Bob is claimed: on SQLite it may get the id
+            # of Ada's claim, which forget_failures has just deleted.
+            bob = {"email": "bob@example.com", "address": "203.0.113.9", "failed_at": time.time()}
+            await module.database.execute(module.failed_logins.insert().values(**bob))
+
+        patch_app(monkeypatch, module, "remember_login", remember_while_another_guesses)
+        calls = itertools.count()
+        # Room for refuse_easy_password, claim_attempt and the old password's hash; the
+        # line is full by the new password's hash.
+        patch_app(monkeypatch, module, "no_place_in_line", lambda request: next(calls) >= 3)
+        expect(change_password(client, token), 503, "12")
+    left = [row["email"] for row in rows(db, "SELECT email FROM failed_logins")]
+    assert left == ["bob@example.com"], (
+        f"12: failed_logins holds {left}: take_back_claim deleted another's failure. Take "
+        "back this request's claim only (its id and failed_at), not whatever row has its id"
+    )
+
+
 def test_12_under_a_flood_a_returning_user_goes_ahead_of_strangers(app_dir, monkeypatch):
     module = load_app(app_dir)
     stranger = {"email": "eve@example.com", "password": "correct horse"}
@@ -1965,7 +1991,7 @@ def test_12_strangers_leave_threads_free_for_returning_users(app_dir, monkeypatc
 
     def held_dummy_verify(self, *args, **kwargs):
         held.append("a stranger's hash")
-        done.wait(timeout=3)
+        done.wait(timeout=10)
         return False
 
     with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=2) as requests:
