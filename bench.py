@@ -177,10 +177,11 @@ def attack(number):
         body = json.dumps(own if kind == "own" else {"email": email, "password": f"guess {tries}"})
         try:
             if connection is None:
-                fresh = random.randrange(1, 2**20 - 1)
-                address = f"127.{16 + (fresh >> 16)}.{(fresh >> 8) & 255}.{fresh & 255}"
                 if kind == "fixed":
                     address = f"127.0.2.{number}"
+                else:  # one of the million addresses of 127.16.0.0/12
+                    fresh = random.randrange(1, 2**20 - 1)
+                    address = f"127.{16 + (fresh >> 16)}.{(fresh >> 8) & 255}.{fresh & 255}"
                 connection = http.client.HTTPConnection(
                     "127.0.0.1", port, timeout=10, source_address=(address, 0)
                 )
