@@ -8,7 +8,8 @@ check overridden, and a plain sync SQLAlchemy app; a small script then times the
 token check's query alone, in one process. Every figure is the median of
 ROUNDS rounds, and each section shows the load average it started at: other
 programs on the machine slow every figure down. Section 3b attacks the login, once
-each: 100 clients that hang up, then three floods while a real user, who has logged
+each, on a new server with one worker per core (uvicorn --workers), as the live checks
+do: 100 clients that hang up, then three floods while a real user, who has logged
 in from her address before, logs in and a reader reads: from 30 addresses, from a fresh
 address each login, and into the attacker's own account from fresh addresses. Its
 clients come from their own loopback addresses (127.0.2.1 and so on), which Linux
@@ -210,8 +211,9 @@ print(json.dumps({"answers": answers, "seconds": took, "cpu": time.process_time(
 # --- Servers and clients ------------------------------------------------------
 
 
-def start_server(workdir, script=None):
-    """uvicorn main:app, or the given Python script, on a free port."""
+def start_server(workdir, script=None, workers=1):
+    """uvicorn main:app, or the given Python script, on a free port. With workers,
+    uvicorn --workers: it returns once every worker has started."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -220,15 +222,36 @@ def start_server(workdir, script=None):
     else:
         command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1"]
         command += ["--port", str(port), "--log-level", "warning"]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     server = subprocess.Popen(command, cwd=workdir, env=server_environment(workdir))
     for _ in range(100):
         try:
             Client(port).request("GET", "/openapi.json")
-            return server, port
+            if len(workers_of(server.pid)) >= workers:
+                time.sleep(1)  # the last to start may still be starting: it answers soon
+                return server, port
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     server.kill()
     raise SystemExit("The server did not start.")
+
+
+def workers_of(pid):
+    """The processes that answer for server `pid`: itself, or with --workers the workers
+    it spawned. Linux only: [pid] where there is no /proc."""
+    workers = []
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((process / "stat").read_text().rpartition(")")[2].split()[1])
+            # Not multiprocessing's resource tracker, also a child, which answers nothing.
+            spawned = b"spawn_main" in (process / "cmdline").read_bytes()
+        except (OSError, ValueError):  # the process ended meanwhile
+            continue
+        if parent == pid and spawned:
+            workers.append(int(process.name))
+    return workers or [pid]
 
 
 def database_url(workdir):
@@ -260,12 +283,14 @@ def stop_server(server):
 
 
 class Client:
-    """One keep-alive connection, as a browser keeps one, from a loopback address."""
+    """One keep-alive connection, as a browser keeps one, from a loopback address; or
+    with new_connections, a new connection for each request (http.client reconnects)."""
 
-    def __init__(self, port, address="127.0.0.1", timeout=120):
+    def __init__(self, port, address="127.0.0.1", timeout=120, new_connections=False):
         self.connection = http.client.HTTPConnection(
             "127.0.0.1", port, timeout=timeout, source_address=(address, 0)
         )
+        self.new_connections = new_connections
 
     def request(self, method, path, body=None, token=None, expect=200):
         """Send one request; return its latency in seconds, and keep its answer.
@@ -280,6 +305,8 @@ class Client:
         response = self.connection.getresponse()
         self.answer = response.read()
         self.status, self.headers = response.status, response.headers
+        if self.new_connections:
+            self.connection.close()
         allowed = expect if isinstance(expect, tuple) else (expect,)
         if expect is not None and response.status not in allowed:
             raise RuntimeError(f"{method} {path}: {response.status} {self.answer[:200]}")
@@ -344,7 +371,7 @@ def medians(measure, *args):
 # --- Measurements -------------------------------------------------------------
 
 
-def reads_during_logins(port, token, logins, count=300):
+def reads_during_logins(port, token, logins, count=300, new_connections=False):
     """Why: a login's hash must not make everyone else wait. One reader's
     p50, p90 and p99 in ms while `logins` clients log in over and over."""
     stop = threading.Event()
@@ -357,7 +384,7 @@ def reads_during_logins(port, token, logins, count=300):
     with ThreadPoolExecutor(max(logins, 1)) as pool:
         running = [pool.submit(log_in, number) for number in range(logins)]
         time.sleep(0.5 if logins else 0)  # let the hashing queue fill up
-        reader = Client(port)
+        reader = Client(port, new_connections=new_connections)
         latencies = [reader.request("GET", "/clothes/", token=token) for _ in range(count)]
         stop.set()
         for future in running:
@@ -410,29 +437,31 @@ def hung_up_logins(port, count=HUNG_UP_LOGINS, address="127.0.3.1"):
     return time.perf_counter() - started
 
 
-def cpu_seconds(pid):
-    """CPU seconds so far of a process: its event loop (the main thread), its threads at
-    nice 19 (main.py's hashing pool), and the rest (aiosqlite's threads, and any ended);
-    and the seconds its event loop was ready to run but waited for a core (schedstat).
-    Linux only: None where there is no /proc."""
+def cpu_seconds(server_pid):
+    """CPU seconds so far of a server's workers, added up: their event loops (each one's
+    main thread), their threads at nice 19 (main.py's hashing pool), and the rest
+    (aiosqlite's threads, and any ended); and the seconds their event loops were ready
+    to run but waited for a core (schedstat). Linux only: None where there is no /proc."""
 
     def times(stat_file):
         fields = stat_file.read_text().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[16])
 
+    total = loop = hashing = waited = 0.0
     try:
-        total = times(Path(f"/proc/{pid}/stat"))[0]
-        loop = hashing = 0.0
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                seconds, nice = times(task / "stat")
-            except OSError:  # the thread ended meanwhile
-                continue
-            if task.name == str(pid):
-                loop = seconds
-            elif nice == 19:
-                hashing += seconds
-        waited = int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+        for pid in workers_of(server_pid):
+            total += times(Path(f"/proc/{pid}/stat"))[0]
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    seconds, nice = times(task / "stat")
+                except OSError:  # the thread ended meanwhile
+                    continue
+                if task.name == str(pid):
+                    loop += seconds
+                elif nice == 19:
+                    hashing += seconds
+            schedstat = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text()
+            waited += int(schedstat.split()[1]) / 1e9
     except OSError:
         return None
     other = total - loop - hashing
@@ -448,7 +477,7 @@ def machine_busy():
     return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
 
 
-def during_flood(port, token, seconds):
+def during_flood(port, token, seconds, new_connections):
     """Why: an attack on /login must not lock out the real users or slow the readers.
     For `seconds`, a real user logs in about once a second from 127.0.0.5, and a
     reader reads GET /clothes/ over and over. Returns (login answers, read answers):
@@ -471,7 +500,7 @@ def during_flood(port, token, seconds):
 
     def read():
         answers = []
-        reader = Client(port, timeout=10)
+        reader = Client(port, timeout=10, new_connections=new_connections)
         while time.perf_counter() < deadline and len(answers) < 50_000:
             started = time.perf_counter()
             try:
@@ -479,7 +508,7 @@ def during_flood(port, token, seconds):
                 answers.append((reader.status, took, False))
             except OSError:
                 answers.append(("no answer", time.perf_counter() - started, False))
-                reader = Client(port, timeout=10)
+                reader = Client(port, timeout=10, new_connections=new_connections)
         return answers
 
     with ThreadPoolExecutor(2) as pool:
@@ -652,6 +681,17 @@ def login_under_attack(server, port, token):
     many addresses or of logins to the attacker's own account, must not lock the real
     users out, nor slow down everyone else."""
     heading("3b. Login under attack")
+    workers = len(workers_of(server.pid))
+    print(f"   A new server on the same database, {workers} workers, one per core, as the live")
+    print("   checks attack it: with one, every attacker's request would share the reader's")
+    print("   event loop.")
+    # uvicorn 0.54 with --workers leaves Nagle's algorithm on: each answer on a kept-alive
+    # connection waits about 40 ms for the client's delayed ACK (uvicorn issue 3149).
+    new_connections = workers > 1
+    if new_connections:
+        print("   The reader opens a connection for each read: with --workers, uvicorn 0.54")
+        print("   leaves Nagle's algorithm on, and each answer on a kept-alive connection")
+        print("   waits about 40 ms for the client's ACK (uvicorn issue 3149).")
     if not loopback_addresses_work():
         print(f"   skipped: this machine does not answer on 127.0.2.{ATTACKERS} (Linux does)")
         return
@@ -679,7 +719,7 @@ def login_under_attack(server, port, token):
         took <= limit and real.status == 200,
     )
 
-    idle_p50, idle_p90, _ = medians(reads_during_logins, port, token, 0)
+    idle_p50, idle_p90, _ = medians(reads_during_logins, port, token, 0, 300, new_connections)
     Client(port).request("POST", "/register", ATTACKER, expect=201)
     Client(port, "127.0.0.5").request("POST", "/login", LOGIN)
     print("   The real user logs in once from 127.0.0.5, so that she returns there. Then")
@@ -688,11 +728,12 @@ def login_under_attack(server, port, token):
     print("   a reader reads GET /clothes/.")
     for kind in FLOODS:
         time.sleep(2)  # the 503s of the flood before, each after a pause, end
-        login_flood(server, port, token, kind, idle_p50, idle_p90)
+        login_flood(server, port, token, kind, (idle_p50, idle_p90), new_connections)
 
 
-def login_flood(server, port, token, kind, idle_p50, idle_p90):
+def login_flood(server, port, token, kind, idle, new_connections):
     """One flood of section 3b, with its figures and goals."""
+    idle_p50, idle_p90 = idle
     print(f"   {kind}: {ATTACKERS} attackers {FLOODS[kind]}")
     command = [sys.executable, "-c", ATTACK_SCRIPT, str(port), str(ATTACKERS)]
     command += [str(ATTACK_SECONDS), kind, ATTACKER["email"], ATTACKER["password"]]
@@ -701,7 +742,7 @@ def login_flood(server, port, token, kind, idle_p50, idle_p90):
         time.sleep(1)  # the attackers fill the hashing line
         cpu_before, machine_before = cpu_seconds(server.pid), machine_busy()
         measured = time.perf_counter()
-        logins, reads = during_flood(port, token, ATTACK_SECONDS - 2)
+        logins, reads = during_flood(port, token, ATTACK_SECONDS - 2, new_connections)
         measured = time.perf_counter() - measured
         cpu_after, machine_after = cpu_seconds(server.pid), machine_busy()
         attacked = json.loads(attack.communicate(timeout=60)[0])
@@ -728,10 +769,10 @@ def login_flood(server, port, token, kind, idle_p50, idle_p90):
         share = {part: (cpu_after[part] - cpu_before[part]) / measured for part in cpu_before}
         note(
             "the server's CPU, % of one core",
-            f"event loop {share['event loop']:.0%}, hashing threads {share['hashing']:.0%}, "
+            f"event loops {share['event loop']:.0%}, hashing threads {share['hashing']:.0%}, "
             f"other threads {share['other']:.0%}",
         )
-        note("its event loop waited for a core", f"{share['waiting']:.0%} of the time")
+        note("its event loops waited for a core", f"{share['waiting']:.0%} of the time")
     note("the attackers' CPU", f"{attacked['cpu'] / attacked['seconds']:.0%} of one core")
     if machine_before and machine_after:
         busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
@@ -784,6 +825,9 @@ def main():
             stop_server(servers.pop())
         event_loop_health(port, token)
         hashing_throughput(port, cost)
+        stop_server(servers.pop())
+        server, port = start_server(workdir, workers=CORES)
+        servers.append(server)
         login_under_attack(server, port, token)
     finally:
         for server in servers:
