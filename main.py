@@ -1129,6 +1129,10 @@ def email_address(text: str) -> str:
 def lower_priority() -> None:
     if hasattr(os, "nice"):
         os.nice(19)
+
+
+def lowest_priority() -> None:
+    lower_priority()
     try:  # Linux: a hash runs only when a core has nothing else to run
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
@@ -1136,7 +1140,10 @@ def lower_priority() -> None:
 
 
 CORES = os.cpu_count() or 1
-hashing_pool = ThreadPoolExecutor(max_workers=CORES, initializer=lower_priority)
+# Strangers' hashes wait for an idle core. A returning user's, at nice 19, comes first on
+# a core that strangers keep busy, even those of another worker (Linux).
+hashing_pool = ThreadPoolExecutor(max_workers=CORES, initializer=lowest_priority)
+returning_pool = ThreadPoolExecutor(max_workers=CORES, initializer=lower_priority)
 
 
 def time_one_hash() -> float:
@@ -1153,7 +1160,8 @@ hashing_threads = asyncio.Semaphore(max(1, CORES // 2))  # the strangers' thread
 hashes_in_line = 0
 # Users returning to an address they logged in from (known_logins, 7) go ahead of
 # strangers, one login each at a time. Strangers get half the line and at most half the
-# threads (the one thread of a single core): the others are kept for returning users.
+# threads (the one of a single core): where no hash waits for an idle core (not Linux),
+# the other cores are left to returning users.
 going_ahead: set[tuple[str, str]] = set()
 
 
@@ -1206,13 +1214,14 @@ async def run_hashing(request: Request, function, *args):
         going_ahead.add(request.state.known_login)
     try:
         # Strangers wait here, on the event loop, for one of their threads. A returning
-        # user goes straight to the pool, where the others are kept for them.
+        # user goes straight to a pool of their own.
         async with nullcontext() if ahead else hashing_threads:
             # Checked just before the hash: a client that has hung up costs no hash.
             if await request.is_disconnected():
                 raise client_gone()
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(hashing_pool, function, *args)
+            pool = returning_pool if ahead else hashing_pool
+            return await loop.run_in_executor(pool, function, *args)
     finally:
         hashes_in_line -= 1
         if ahead:
