@@ -720,7 +720,8 @@ def login_under_attack(server, port, token):
         took <= limit and real.status == 200,
     )
 
-    idle_p50, idle_p90, _ = medians(reads_during_logins, port, token, 0, 300, new_connections)
+    reads = functools.partial(reads_during_logins, new_connections=new_connections)
+    idle_p50, idle_p90, _ = medians(reads, port, token, 0)
     Client(port).request("POST", "/register", ATTACKER, expect=201)
     Client(port, "127.0.0.5").request("POST", "/login", LOGIN)
     print("   The real user logs in once from 127.0.0.5, so that she returns there. Then")
@@ -729,12 +730,11 @@ def login_under_attack(server, port, token):
     print("   a reader reads GET /clothes/.")
     for kind in FLOODS:
         time.sleep(2)  # the 503s of the flood before, each after a pause, end
-        login_flood(server, port, token, kind, (idle_p50, idle_p90), new_connections)
+        login_flood(server, port, token, kind, idle_p50, idle_p90, new_connections)
 
 
-def login_flood(server, port, token, kind, idle, new_connections):
+def login_flood(server, port, token, kind, idle_p50, idle_p90, new_connections):
     """One flood of section 3b, with its figures and goals."""
-    idle_p50, idle_p90 = idle
     print(f"   {kind}: {ATTACKERS} attackers {FLOODS[kind]}")
     command = [sys.executable, "-c", ATTACK_SCRIPT, str(port), str(ATTACKERS)]
     command += [str(ATTACK_SECONDS), kind, ATTACKER["email"], ATTACKER["password"]]

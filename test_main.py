@@ -1991,12 +1991,15 @@ def test_12_a_returning_users_hash_comes_before_strangers_on_a_core(app_dir, mon
     priorities = {}
     real_verify = CryptContext.verify
 
+    def this_threads_priority():
+        return os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+
     def verify(self, secret, hashed, **kwargs):
-        priorities["Ada's"] = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+        priorities["Ada's"] = this_threads_priority()
         return real_verify(self, secret, hashed, **kwargs)
 
     def dummy_verify(self, *args, **kwargs):
-        priorities["a stranger's"] = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+        priorities["a stranger's"] = this_threads_priority()
         return False
 
     with TestClient(module.app) as client:
