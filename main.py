@@ -443,6 +443,7 @@ async def create_user(user: UserSignIn, request: Request):
         refresh_token = await start_session(new_user)
         await forget_failures(user.email, address)
         await remember_login(user.email, address)
+        await count_sign_up(address)
     return {"token": create_access_token(new_user), "refresh_token": refresh_token}
 
 
@@ -1200,6 +1201,16 @@ async def take_back_claim(request: Request) -> None:
         id_, failed_at = claim
         mine = (failed_logins.c.id == id_) & (failed_logins.c.failed_at == failed_at)
         await database.execute(failed_logins.delete().where(mine))
+
+
+# A sign-up that works is no failure, but it still counts against its address: at most 100
+# an hour from one address (7), so nobody makes accounts without end. No email looks like this.
+SIGN_UP = "(a sign-up)"
+
+
+async def count_sign_up(address: str) -> None:
+    sign_up = {"email": SIGN_UP, "address": address, "failed_at": time.time()}
+    await database.execute(failed_logins.insert().values(**sign_up))
 
 
 async def run_hashing(request: Request, function, *args):

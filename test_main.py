@@ -1134,6 +1134,12 @@ def failures(db, pairs, seconds_ago=0):
         )
 
 
+def failed_logins(db, columns="*"):
+    """The rows of failed_logins that are failures: from section 12 on, the table also counts
+    each sign-up against its address, under a name that is no email."""
+    return rows(db, f"SELECT {columns} FROM failed_logins WHERE email LIKE '%@%'")
+
+
 @pytest.mark.parametrize("email", ["ada@example.com", "nobody@example.com"])
 def test_7_after_five_failures_in_a_row_429_with_no_hash(client, monkeypatch, email):
     register(client)
@@ -1158,7 +1164,7 @@ def test_7_a_stolen_token_guesses_old_passwords_no_faster_than_login(client, db)
     expect_429(client.post("/login", json=RIGHT), "7: the same throttle as /login")
     run_sql(db, "UPDATE failed_logins SET failed_at = failed_at - 60")  # the wait is over
     expect(change_password(client, token), 200, "7: then the right old password gets through")
-    assert rows(db, "SELECT * FROM failed_logins") == [], "7: and clears that pair's failures"
+    assert failed_logins(db) == [], "7: and clears that pair's failures"
 
 
 def test_7_guesses_sent_at_once_all_count(client, db):
@@ -1170,7 +1176,7 @@ def test_7_guesses_sent_at_once_all_count(client, db):
         "7: guesses at once must see each other: write the attempt down before the hash and "
         f"check in the same transaction (claim_attempt); got {sorted(codes)}"
     )
-    assert len(rows(db, "SELECT id FROM failed_logins")) == codes.count(401), (
+    assert len(failed_logins(db, "id")) == codes.count(401), (
         "7: each checked guess leaves one row, each refused one none"
     )
 
@@ -1197,7 +1203,7 @@ def test_7_the_right_password_clears_the_failures_in_a_row(client, db):
     for _ in range(4):
         expect(client.post("/login", json=WRONG), 401, "7: the count started again")
     expect(client.post("/login", json=RIGHT), 200, "7")
-    assert rows(db, "SELECT * FROM failed_logins") == [], "7: a success forgets that pair"
+    assert failed_logins(db) == [], "7: a success forgets that pair"
 
 
 def test_7_the_owner_logs_in_while_another_address_guesses(client, db):
@@ -1285,9 +1291,9 @@ def test_7_failures_older_than_an_hour_are_purged(client, db):
     register(client)
     failures(db, [("eve@example.com", "203.0.113.1")] * 3, seconds_ago=3700)
     expect(client.post("/login", json=WRONG), 401, "7")
-    assert [row["email"] for row in rows(db, "SELECT email FROM failed_logins")] == [
-        "ada@example.com"
-    ], "7: claim_attempt deletes the rows more than an hour old"
+    assert [row["email"] for row in failed_logins(db, "email")] == ["ada@example.com"], (
+        "7: claim_attempt deletes the rows more than an hour old"
+    )
 
 
 def test_7_common_passwords_are_refused(client, db):
@@ -1866,7 +1872,7 @@ def test_12_a_login_turned_away_by_a_busy_server_is_not_counted(app_dir, db, mon
         patch_app(monkeypatch, module, "hashes_in_line", 10)  # the line is full
         for _ in range(6):
             expect(client.post("/login", json=RIGHT), 503, "12")
-        assert rows(db, "SELECT id FROM failed_logins") == [], (
+        assert failed_logins(db, "id") == [], (
             "12: refuse what run_hashing would refuse before claim_attempt writes it down"
         )
         monkeypatch.setattr(module, "hashes_in_line", 0)
@@ -1882,7 +1888,7 @@ def test_12_a_login_turned_away_after_its_claim_is_not_counted(app_dir, db, monk
         patch_app(monkeypatch, module, "no_place_in_line", lambda request: next(room_then_full))
         for _ in range(5):  # five failures in a row would be a 429 next
             expect(client.post("/login", json=RIGHT), 503, "12")
-        assert rows(db, "SELECT id FROM failed_logins") == [], (
+        assert failed_logins(db, "id") == [], (
             "12: a login that run_hashing turns away was never checked: take_back_claim "
             "deletes the claim that claim_attempt wrote (request.state.claim)"
         )
@@ -1909,10 +1915,21 @@ def test_12_a_request_turned_away_takes_back_only_its_own_claim(app_dir, db, mon
         # line is full by the new password's hash.
         patch_app(monkeypatch, module, "no_place_in_line", lambda request: next(calls) >= 3)
         expect(change_password(client, token), 503, "12")
-    left = [row["email"] for row in rows(db, "SELECT email FROM failed_logins")]
+    left = [row["email"] for row in failed_logins(db, "email")]
     assert left == ["bob@example.com"], (
         f"12: failed_logins holds {left}: take_back_claim deleted another's failure. Take "
         "back this request's claim only (its id and failed_at), not whatever row has its id"
+    )
+
+
+def test_12_sign_ups_that_work_count_against_their_address(client, db):
+    # 99 failures from this address in the last hour: room for one more sign-up, not two.
+    failures(db, [(f"user{number}@example.com", "testclient") for number in range(99)])
+    register(client, email="new1@example.com")
+    response = client.post("/register", json={**BODY, "email": "new2@example.com"})
+    expect_429(response, "12: a sign-up that works still counts against its address")
+    assert rows(db, "SELECT email FROM users") == [{"email": "new1@example.com"}], (
+        "12: a sign-up refused with 429 stores no user"
     )
 
 
@@ -2726,8 +2743,8 @@ def test_15_a_right_password_is_not_left_counted_as_a_failure(
         wrong = client.post("/login", json={"email": BODY["email"], "password": "wrong horse"})
         expect(wrong, 401, "4: a wrong password is 401")
         # The right password's attempt goes once the database answers; the wrong one stays.
-        until(lambda: len(rows(db, "SELECT id FROM failed_logins")) <= 1, seconds=2.5)
-        left = rows(db, "SELECT id FROM failed_logins")
+        until(lambda: len(failed_logins(db, "id")) <= 1, seconds=2.5)
+        left = failed_logins(db, "id")
         assert len(left) == 1, (
             f"15: {len(left)} failures left, not 1: a right password is forgotten once the "
             "database answers again, and a failure after it is kept (write_when_back)"
