@@ -1399,6 +1399,17 @@ def register_probing(server, where=""):
         f"5 more {counted(statuses_of(more))}; from 127.0.3.4 {other[2]}; new email {new[2]}",
     )
 
+    def new_email(number):
+        return {**USER, "email": f"new-{number}@example.com"}
+
+    # Every new email probed makes an account: sign-ups that work count against the address.
+    seen = until_refused(server, "/register", new_email, "127.0.3.6", most=120, seconds=60)
+    report(
+        f"sign-ups of new emails from 127.0.3.6{where}: 429 with Retry-After after at most 100",
+        refused_after(seen, 201, most=101),
+        f"{counted(statuses_of(seen))}, the last with Retry-After {seen[-1][3] if seen else None}",
+    )
+
 
 def logins_and_refreshes(server, database_url, where=""):
     """Sections 7 and 12 under attack, each from its own addresses: a run under 40 s each."""
