@@ -32,6 +32,10 @@ HINTS = {
     "no such column: users.role": ("3.1", "the users table has no role column"),
     "no such column: role": ("3.1", "the users table has no role column"),
     'column "role" does not exist': ("3.1", "the users table has no role column"),
+    "hash could not be identified": (
+        "4",
+        "pwd_context.verify takes the typed password first, then the stored hash (1.3)",
+    ),
     "no such column: users.token_version": ("6", "the users table has no token_version column"),
     'column "token_version" does not exist': ("6", "the users table has no token_version column"),
 }

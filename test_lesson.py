@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from passlib.context import CryptContext
 
+import conftest
 import steps
 
 
@@ -231,3 +233,12 @@ def test_env_example_lists_every_setting():
     example = (HERE / ".env.example").read_text()
     listed = set(re.findall(r"^#? ?(\w+)=", example, flags=re.MULTILINE))
     assert read_by_app == listed, f"the app reads {read_by_app}, .env.example lists {listed}"
+
+
+def test_swapped_verify_arguments_are_traced_to_section_4():
+    # The hash where the typed password goes: passlib cannot tell what kind of hash it is.
+    context = CryptContext(schemes=["bcrypt"], bcrypt__rounds=4)
+    with pytest.raises(ValueError) as error:
+        context.verify(context.hash("correct horse"), "correct horse")
+    explained = conftest.describe(error.value, [])
+    assert explained.startswith("4: pwd_context.verify takes the typed password first"), explained
