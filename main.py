@@ -925,7 +925,10 @@ refresh_tokens = sqlalchemy.Table(
     metadata,
     sqlalchemy.Column("id", sqlalchemy.Integer, primary_key=True),
     sqlalchemy.Column(
-        "user_id", sqlalchemy.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+        "user_id",
+        sqlalchemy.ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
     ),
     # Every token refreshed from one login shares that login's family.
     sqlalchemy.Column("family", sqlalchemy.String(32), nullable=False, index=True),
@@ -979,6 +982,7 @@ async def start_session(user) -> str:
         expires_at=now + timedelta(days=REFRESH_EXPIRES_DAYS),
         family_expires_at=now + timedelta(days=SESSION_EXPIRES_DAYS),
     )
+    await forget_oldest_sessions(user["id"])
     return token
 
 
@@ -1286,6 +1290,26 @@ async def forget_spent_tokens(family: str) -> None:
             refresh_tokens.c.spent_at.is_not(None),
             refresh_tokens.c.family_ended_at.is_(None),
             refresh_tokens.c.id.not_in(latest),
+        )
+    )
+
+
+# Each login starts a family that lasts 30 days: a loop of logins to one account would add
+# them without end. A user keeps the MAX_SESSIONS used last; older ones end.
+MAX_SESSIONS = 20  # more devices than anyone logs in from
+
+
+async def forget_oldest_sessions(user_id: int) -> None:
+    latest = (
+        sqlalchemy.select(refresh_tokens.c.family)
+        .where(refresh_tokens.c.user_id == user_id)
+        .group_by(refresh_tokens.c.family)
+        .order_by(sqlalchemy.func.max(refresh_tokens.c.id).desc())
+        .limit(MAX_SESSIONS)
+    )
+    await database.execute(
+        refresh_tokens.delete().where(
+            refresh_tokens.c.user_id == user_id, refresh_tokens.c.family.not_in(latest)
         )
     )
 

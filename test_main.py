@@ -2240,6 +2240,26 @@ def test_12_a_forgotten_spent_token_that_comes_back_still_ends_its_family(client
     expect_401(refresh(client, token), "Refresh token revoked.", "12: the whole family is ended")
 
 
+def test_12_a_user_keeps_only_the_sessions_used_last(app_dir, db, monkeypatch):
+    module = load_app(app_dir)
+    patch_app(monkeypatch, module, "MAX_SESSIONS", 3)
+    with TestClient(module.app) as client:
+        register(client)  # the first session: the oldest when the fourth starts
+        phone, laptop, tablet = (log_in_for_a_pair(client)["refresh_token"] for _ in range(3))
+        answer = refresh(client, phone)
+        expect(answer, 200, "12")  # now the phone's family is the one used last
+        watch = log_in_for_a_pair(client)["refresh_token"]
+        expect_401(
+            refresh(client, laptop),
+            "Invalid refresh token.",
+            "12: a new login ends the session used longest ago (forget_oldest_sessions)",
+        )
+        for token in (answer.json()["refresh_token"], tablet, watch):
+            expect(refresh(client, token), 200, "12: the sessions used last go on")
+    families = rows(db, "SELECT DISTINCT family FROM refresh_tokens")
+    assert len(families) == 3, f"12: a user keeps MAX_SESSIONS families, not {len(families)}"
+
+
 # --- 13 A new server, an old database --------------------------------------------------------
 
 
