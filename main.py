@@ -1295,7 +1295,7 @@ async def forget_spent_tokens(family: str) -> None:
 
 
 # Each login starts a family that lasts 30 days: a loop of logins to one account would add
-# them without end. A user keeps the MAX_SESSIONS used last; older ones end.
+# them without end. A user keeps the MAX_SESSIONS used last; the rows of older ones go.
 MAX_SESSIONS = 20  # more devices than anyone logs in from
 
 
@@ -1307,11 +1307,14 @@ async def forget_oldest_sessions(user_id: int) -> None:
         .order_by(sqlalchemy.func.max(refresh_tokens.c.id).desc())
         .limit(MAX_SESSIONS)
     )
-    await database.execute(
-        refresh_tokens.delete().where(
-            refresh_tokens.c.user_id == user_id, refresh_tokens.c.family.not_in(latest)
-        )
+    # PostgreSQL: a row that a refresh holds is skipped, not waited for. Its family is in
+    # use, and waiting could deadlock with that refresh's own deletes (a 500).
+    older = (
+        sqlalchemy.select(refresh_tokens.c.id)
+        .where(refresh_tokens.c.user_id == user_id, refresh_tokens.c.family.not_in(latest))
+        .with_for_update(skip_locked=True)
     )
+    await database.execute(refresh_tokens.delete().where(refresh_tokens.c.id.in_(older)))
 
 
 async def refuse_a_forgotten_token(token: str, token_hash: str, now: datetime) -> None:

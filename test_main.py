@@ -2245,19 +2245,55 @@ def test_12_a_user_keeps_only_the_sessions_used_last(app_dir, db, monkeypatch):
     patch_app(monkeypatch, module, "MAX_SESSIONS", 3)
     with TestClient(module.app) as client:
         register(client)  # the first session: the oldest when the fourth starts
+        bob = {"email": "bob@example.com", "password": "tulip quartz lamp", "full_name": "Bob"}
+        signed_up = client.post("/register", json=bob)
+        expect(signed_up, 201, "12")
+        bobs = signed_up.json()["refresh_token"]
         phone, laptop, tablet = (log_in_for_a_pair(client)["refresh_token"] for _ in range(3))
         answer = refresh(client, phone)
-        expect(answer, 200, "12")  # now the phone's family is the one used last
+        expect(answer, 200, "12")  # now the phone's family is Ada's one used last
+        bobs_answer = refresh(client, bobs)
+        # Bob's family is used after all of Ada's.
+        expect(bobs_answer, 200, "12: a login ends only its own user's sessions")
         watch = log_in_for_a_pair(client)["refresh_token"]
         expect_401(
             refresh(client, laptop),
             "Invalid refresh token.",
-            "12: a new login ends the session used longest ago (forget_oldest_sessions)",
+            "12: a new login ends the user's session used longest ago (forget_oldest_sessions)",
         )
         for token in (answer.json()["refresh_token"], tablet, watch):
-            expect(refresh(client, token), 200, "12: the sessions used last go on")
-    families = rows(db, "SELECT DISTINCT family FROM refresh_tokens")
-    assert len(families) == 3, f"12: a user keeps MAX_SESSIONS families, not {len(families)}"
+            expect(refresh(client, token), 200, "12: the user's sessions used last go on")
+        expect(
+            refresh(client, bobs_answer.json()["refresh_token"]),
+            200,
+            "12: a login ends only its own user's sessions",
+        )
+    families = rows(db, "SELECT DISTINCT user_id, family FROM refresh_tokens")
+    assert len(families) == 4, (
+        f"12: Ada keeps MAX_SESSIONS families and Bob his one, not {families}"
+    )
+
+
+def test_12_a_login_does_not_wait_for_a_session_being_refreshed(app_dir, db, monkeypatch):
+    if db.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite locks the whole file, not rows")
+    module = load_app(app_dir)
+    patch_app(monkeypatch, module, "MAX_SESSIONS", 1)
+    with TestClient(module.app) as client:
+        register(client)  # the session a refresh holds below
+        with db.begin() as refreshing:
+            # What a refresh in flight holds until it commits: the row it spends.
+            run = refreshing.execute(sqlalchemy.text("UPDATE refresh_tokens SET spent_at = now()"))
+            assert run.rowcount == 1
+            started = time.monotonic()
+            expect(
+                client.post(
+                    "/login", json={"email": "ada@example.com", "password": "correct horse"}
+                ),
+                200,
+                "12: forget_oldest_sessions skips the rows a refresh holds (skip_locked)",
+            )
+            assert time.monotonic() - started < 2, "12: the login waited for the refresh"
 
 
 # --- 13 A new server, an old database --------------------------------------------------------
