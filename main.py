@@ -947,9 +947,6 @@ refresh_tokens = sqlalchemy.Table(
         "family_expires_at", sqlalchemy.DateTime(timezone=True), nullable=False, index=True
     ),
     sqlalchemy.Column("spent_at", sqlalchemy.DateTime(timezone=True)),
-    sqlalchemy.Column(
-        "replaced_by", sqlalchemy.ForeignKey("refresh_tokens.id", ondelete="SET NULL")
-    ),
     sqlalchemy.Column("family_ended_at", sqlalchemy.DateTime(timezone=True)),
     sqlite_autoincrement=True,
 )
@@ -961,13 +958,13 @@ def hash_refresh_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def store_refresh_token(**values) -> tuple[str, int]:
-    """Make a refresh token, store its hash with these values: (the token, its row id)."""
+async def store_refresh_token(**values) -> str:
+    """Make a refresh token, store its hash with these values, and return the token."""
     # The family first: a spent token whose row forget_spent_tokens removed still names it.
     token = f"{values['family']}.{secrets.token_urlsafe(32)}"
     token_hash = hash_refresh_token(token)
-    id_ = await database.execute(refresh_tokens.insert().values(token_hash=token_hash, **values))
-    return token, id_
+    await database.execute(refresh_tokens.insert().values(token_hash=token_hash, **values))
+    return token
 
 
 async def start_session(user) -> str:
@@ -975,7 +972,7 @@ async def start_session(user) -> str:
     now = datetime.now(timezone.utc)
     # Expired families are of no use any more: each new session clears them away.
     await database.execute(refresh_tokens.delete().where(refresh_tokens.c.family_expires_at < now))
-    token, _ = await store_refresh_token(
+    token = await store_refresh_token(
         user_id=user["id"],
         family=secrets.token_hex(16),
         token_version=user["token_version"],
@@ -1070,17 +1067,12 @@ async def refresh(body: RefreshIn):
         )
         if spent is not None:
             await check_refresh_rate(spent["family"], now)  # 12
-            token, new_id = await store_refresh_token(
+            token = await store_refresh_token(
                 user_id=spent["user_id"],
                 family=spent["family"],
                 token_version=spent["token_version"],
                 expires_at=now + timedelta(days=REFRESH_EXPIRES_DAYS),
                 family_expires_at=spent["family_expires_at"],
-            )
-            await database.execute(
-                refresh_tokens.update()
-                .where(refresh_tokens.c.id == spent["id"])
-                .values(replaced_by=new_id)
             )
             await forget_spent_tokens(spent["family"])  # 12
     if spent is None:
@@ -1295,7 +1287,7 @@ async def forget_spent_tokens(family: str) -> None:
 
 
 # Each login starts a family that lasts 30 days: a loop of logins to one account would add
-# them without end. A user keeps the MAX_SESSIONS used last; the rows of older ones go.
+# them without end. A user keeps the MAX_SESSIONS used last; older ones go (their tokens: 401).
 MAX_SESSIONS = 20  # more devices than anyone logs in from
 
 
@@ -1307,8 +1299,8 @@ async def forget_oldest_sessions(user_id: int) -> None:
         .order_by(sqlalchemy.func.max(refresh_tokens.c.id).desc())
         .limit(MAX_SESSIONS)
     )
-    # PostgreSQL: a row that a refresh holds is skipped, not waited for. Its family is in
-    # use, and waiting could deadlock with that refresh's own deletes (a 500).
+    # PostgreSQL: a row that a refresh holds is skipped, not waited for (SQLite locks the
+    # whole file and ignores this). That family is in use, and waiting for it could deadlock.
     older = (
         sqlalchemy.select(refresh_tokens.c.id)
         .where(refresh_tokens.c.user_id == user_id, refresh_tokens.c.family.not_in(latest))
@@ -1515,6 +1507,7 @@ def is_database_away(error: Exception) -> bool:
             asyncpg.InsufficientResourcesError,  # disk full, too many connections
             asyncpg.ObjectNotInPrerequisiteStateError,  # connections not allowed
             asyncpg.ReadOnlySQLTransactionError,  # a standby, or a read-only database
+            asyncpg.DeadlockDetectedError,  # two requests waited for each other: one retries
         ),
     )
 

@@ -2274,26 +2274,27 @@ def test_12_a_user_keeps_only_the_sessions_used_last(app_dir, db, monkeypatch):
     )
 
 
-def test_12_a_login_does_not_wait_for_a_session_being_refreshed(app_dir, db, monkeypatch):
-    if db.dialect.name != "postgresql":
-        pytest.skip("PostgreSQL only: SQLite locks the whole file, not rows")
-    module = load_app(app_dir)
-    patch_app(monkeypatch, module, "MAX_SESSIONS", 1)
-    with TestClient(module.app) as client:
-        register(client)  # the session a refresh holds below
-        with db.begin() as refreshing:
-            # What a refresh in flight holds until it commits: the row it spends.
-            run = refreshing.execute(sqlalchemy.text("UPDATE refresh_tokens SET spent_at = now()"))
-            assert run.rowcount == 1
-            started = time.monotonic()
-            expect(
-                client.post(
-                    "/login", json={"email": "ada@example.com", "password": "correct horse"}
-                ),
-                200,
-                "12: forget_oldest_sessions skips the rows a refresh holds (skip_locked)",
-            )
-            assert time.monotonic() - started < 2, "12: the login waited for the refresh"
+if "postgresql" in DATABASES:  # PostgreSQL only: SQLite locks the whole file, not rows.
+
+    @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+    def test_12_a_login_does_not_wait_for_a_session_being_refreshed(app_dir, db, monkeypatch):
+        module = load_app(app_dir)
+        patch_app(monkeypatch, module, "MAX_SESSIONS", 1)
+        with TestClient(module.app) as client:
+            register(client)  # the session a refresh holds below
+            with db.begin() as refreshing:
+                # What a refresh in flight holds until it commits: the row it spends.
+                run = refreshing.execute(
+                    sqlalchemy.text("UPDATE refresh_tokens SET spent_at = now()")
+                )
+                assert run.rowcount == 1
+                started = time.monotonic()
+                expect(
+                    client.post("/login", json=RIGHT),
+                    200,
+                    "12: forget_oldest_sessions skips the rows a refresh holds (skip_locked)",
+                )
+                assert time.monotonic() - started < 2, "12: the login waited for the refresh"
 
 
 # --- 13 A new server, an old database --------------------------------------------------------
@@ -2744,6 +2745,21 @@ def test_15_a_connection_ended_between_two_queries_is_503(app_dir, monkeypatch):
         monkeypatch.setattr(module.database, "fetch_all", ended)
         answer = client.get("/clothes/", headers=bearer(token))
         expect(answer, 503, "15: asyncpg's InternalClientError is a database away")
+
+
+def test_15_a_deadlock_is_503_so_the_client_tries_again(app_dir, monkeypatch):
+    # What PostgreSQL answers one of two requests that wait for each other's rows.
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        token = register(client)
+
+        async def deadlocked(*args, **kwargs):
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+
+        monkeypatch.setattr(module.database, "fetch_all", deadlocked)
+        answer = client.get("/clothes/", headers=bearer(token))
+        expect(answer, 503, "15: a deadlock is a database that cannot answer now")
+        assert answer.headers.get("retry-after"), "15: a 503 says when to try again"
 
 
 def test_15_a_bug_is_still_a_500_with_its_traceback(app_dir, monkeypatch):
