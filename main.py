@@ -1276,14 +1276,19 @@ async def forget_spent_tokens(family: str) -> None:
         .order_by(refresh_tokens.c.id.desc())
         .limit(MAX_REFRESHES + 1)
     )
-    await database.execute(
-        refresh_tokens.delete().where(
+    # PostgreSQL: a row that another request holds (a reuse ending this family) is skipped,
+    # not waited for, as that could deadlock with it. The next refresh removes it.
+    older = (
+        sqlalchemy.select(refresh_tokens.c.id)
+        .where(
             refresh_tokens.c.family == family,
             refresh_tokens.c.spent_at.is_not(None),
             refresh_tokens.c.family_ended_at.is_(None),
             refresh_tokens.c.id.not_in(latest),
         )
+        .with_for_update(skip_locked=True)
     )
+    await database.execute(refresh_tokens.delete().where(refresh_tokens.c.id.in_(older)))
 
 
 # Each login starts a family that lasts 30 days: a loop of logins to one account would add

@@ -2296,6 +2296,25 @@ if "postgresql" in DATABASES:  # PostgreSQL only: SQLite locks the whole file, n
                 )
                 assert time.monotonic() - started < 2, "12: the login waited for the refresh"
 
+    @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+    def test_12_a_refresh_does_not_wait_for_a_reuse_ending_its_family(client, db):
+        register(client)
+        answer, token = refresh_chain(client, log_in_for_a_pair(client)["refresh_token"], 10)
+        spent_long_ago(db)
+        answer, token = refresh_chain(client, token, 1)
+        expect(answer, 200, "12")  # 11 spent tokens: the next refresh forgets the oldest
+        with db.begin() as ending:
+            # What a reuse ending the family holds until it commits: the rows it marks.
+            oldest = "SELECT id FROM refresh_tokens WHERE spent_at IS NOT NULL ORDER BY id LIMIT 1"
+            ending.execute(sqlalchemy.text(oldest + " FOR UPDATE"))
+            started = time.monotonic()
+            expect(
+                refresh(client, token),
+                200,
+                "12: forget_spent_tokens skips the rows another request holds (skip_locked)",
+            )
+            assert time.monotonic() - started < 2, "12: the refresh waited for the reuse"
+
 
 # --- 13 A new server, an old database --------------------------------------------------------
 
