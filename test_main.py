@@ -2752,32 +2752,27 @@ def test_15_a_database_that_does_not_answer_is_503_and_one_log_line(
             )
 
 
-def test_15_a_connection_ended_between_two_queries_is_503(app_dir, monkeypatch):
-    # What asyncpg raises when PostgreSQL ends a connection just as a query starts on it.
+@pytest.mark.parametrize(
+    "error",
+    [
+        # PostgreSQL ended a connection just as a query started on it.
+        asyncpg.InternalClientError("cannot switch to state 11; another operation (2)"),
+        # PostgreSQL cancelled one of two requests that waited for each other's rows.
+        asyncpg.DeadlockDetectedError("deadlock detected"),
+    ],
+    ids=["connection-ended", "deadlock"],
+)
+def test_15_a_connection_ended_or_a_deadlock_is_503(app_dir, monkeypatch, error):
     module = load_app(app_dir)
     with TestClient(module.app) as client:
         token = register(client)
 
-        async def ended(*args, **kwargs):
-            raise asyncpg.InternalClientError("cannot switch to state 11; another operation (2)")
+        async def failing(*args, **kwargs):
+            raise error
 
-        monkeypatch.setattr(module.database, "fetch_all", ended)
+        monkeypatch.setattr(module.database, "fetch_all", failing)
         answer = client.get("/clothes/", headers=bearer(token))
-        expect(answer, 503, "15: asyncpg's InternalClientError is a database away")
-
-
-def test_15_a_deadlock_is_503_so_the_client_tries_again(app_dir, monkeypatch):
-    # What PostgreSQL answers one of two requests that wait for each other's rows.
-    module = load_app(app_dir)
-    with TestClient(module.app) as client:
-        token = register(client)
-
-        async def deadlocked(*args, **kwargs):
-            raise asyncpg.DeadlockDetectedError("deadlock detected")
-
-        monkeypatch.setattr(module.database, "fetch_all", deadlocked)
-        answer = client.get("/clothes/", headers=bearer(token))
-        expect(answer, 503, "15: a deadlock is a database that cannot answer now")
+        expect(answer, 503, f"15: asyncpg's {type(error).__name__} is a database away")
         assert answer.headers.get("retry-after"), "15: a 503 says when to try again"
 
 
