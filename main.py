@@ -1267,6 +1267,14 @@ async def check_refresh_rate(family: str, now: datetime) -> None:
         )
 
 
+async def delete_tokens_not_held(*where) -> None:
+    # PostgreSQL: a row that another request holds is skipped, not waited for, as waiting
+    # could deadlock with it (SQLite locks the whole file and ignores this).
+    rows = sqlalchemy.select(refresh_tokens.c.id).where(*where)
+    not_held = rows.with_for_update(skip_locked=True)
+    await database.execute(refresh_tokens.delete().where(refresh_tokens.c.id.in_(not_held)))
+
+
 async def forget_spent_tokens(family: str) -> None:
     # Older spent tokens go, so a family keeps a few rows, not one per refresh. One of
     # them coming back still names its family: refuse_a_forgotten_token ends it.
@@ -1276,19 +1284,13 @@ async def forget_spent_tokens(family: str) -> None:
         .order_by(refresh_tokens.c.id.desc())
         .limit(MAX_REFRESHES + 1)
     )
-    # PostgreSQL: a row that another request holds (a reuse ending this family) is skipped,
-    # not waited for, as that could deadlock with it. The next refresh removes it.
-    older = (
-        sqlalchemy.select(refresh_tokens.c.id)
-        .where(
-            refresh_tokens.c.family == family,
-            refresh_tokens.c.spent_at.is_not(None),
-            refresh_tokens.c.family_ended_at.is_(None),
-            refresh_tokens.c.id.not_in(latest),
-        )
-        .with_for_update(skip_locked=True)
+    # A row that a reuse ending this family holds stays: the next refresh removes it.
+    await delete_tokens_not_held(
+        refresh_tokens.c.family == family,
+        refresh_tokens.c.spent_at.is_not(None),
+        refresh_tokens.c.family_ended_at.is_(None),
+        refresh_tokens.c.id.not_in(latest),
     )
-    await database.execute(refresh_tokens.delete().where(refresh_tokens.c.id.in_(older)))
 
 
 # Each login starts a family that lasts 30 days: a loop of logins to one account would add
@@ -1304,14 +1306,10 @@ async def forget_oldest_sessions(user_id: int) -> None:
         .order_by(sqlalchemy.func.max(refresh_tokens.c.id).desc())
         .limit(MAX_SESSIONS)
     )
-    # PostgreSQL: a row that a refresh holds is skipped, not waited for (SQLite locks the
-    # whole file and ignores this). That family is in use, and waiting for it could deadlock.
-    older = (
-        sqlalchemy.select(refresh_tokens.c.id)
-        .where(refresh_tokens.c.user_id == user_id, refresh_tokens.c.family.not_in(latest))
-        .with_for_update(skip_locked=True)
+    # A family whose row a refresh holds is in use: that row stays.
+    await delete_tokens_not_held(
+        refresh_tokens.c.user_id == user_id, refresh_tokens.c.family.not_in(latest)
     )
-    await database.execute(refresh_tokens.delete().where(refresh_tokens.c.id.in_(older)))
 
 
 async def refuse_a_forgotten_token(token: str, token_hash: str, now: datetime) -> None:
