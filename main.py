@@ -1050,7 +1050,7 @@ async def refresh(body: RefreshIn):
     )
     # Spending it and storing the next one commit together: whoever sees it spent also
     # sees its successor, and ends that too on a reuse.
-    async with database.transaction():
+    async with held_within(refreshes_one_at_a_time, DATABASE_WAIT_SECONDS), database.transaction():
         # One statement checks and spends: of two refreshes at once, only one wins.
         spent = await database.fetch_one(
             refresh_tokens.update()
@@ -1241,6 +1241,9 @@ async def run_hashing(request: Request, function, *args):
 # spent tokens: enough to count its refreshes, and to catch a recent one coming back.
 MAX_REFRESHES = 10  # one every 15 minutes is all a client needs
 REFRESH_WINDOW = timedelta(minutes=10)
+# SQLite lets one writer in at a time, but not in the order they came: in a flood of
+# refreshes, one waited past its 5 seconds. In this worker, they take turns instead.
+refreshes_one_at_a_time = asyncio.Lock()
 
 
 async def check_refresh_rate(family: str, now: datetime) -> None:

@@ -2274,6 +2274,37 @@ def test_12_a_user_keeps_only_the_sessions_used_last(app_dir, db, monkeypatch):
     )
 
 
+def test_12_refreshes_take_turns_in_the_order_they_came(app_dir, db, monkeypatch):
+    module = load_app(app_dir)
+    check_refresh_rate, holding = module.check_refresh_rate, threading.Event()
+
+    async def the_first_holds_the_database(family, now):
+        if not holding.is_set():
+            holding.set()
+            await asyncio.sleep(0.6)  # inside its transaction: SQLite's write lock is its
+        await check_refresh_rate(family, now)
+
+    patch_app(monkeypatch, module, "check_refresh_rate", the_first_holds_the_database)
+    with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=7) as pool:
+        register(client)
+        tokens = [log_in_for_a_pair(client)["refresh_token"] for _ in range(7)]
+        answers = [pool.submit(refresh, client, tokens[0])]
+        assert holding.wait(5), "12: the refresh did not reach check_refresh_rate"
+        for token in tokens[1:]:
+            time.sleep(0.03)  # six more, one after another, while the first holds it
+            answers.append(pool.submit(refresh, client, token))
+        for answer in answers:
+            expect(answer.result(), 200, "12")
+    # Each refresh stored its family's next token: their ids say in which order they ran.
+    families = [token.partition(".")[0] for token in tokens]
+    stored = rows(db, "SELECT family FROM refresh_tokens WHERE spent_at IS NULL ORDER BY id")
+    ran = [row["family"] for row in stored if row["family"] in families]
+    assert ran == families, (
+        "12: refreshes take turns in the order they came (refreshes_one_at_a_time): SQLite "
+        f"lets waiting writers in in no order; they ran {[families.index(f) for f in ran]}"
+    )
+
+
 if "postgresql" in DATABASES:  # PostgreSQL only: SQLite locks the whole file, not rows.
 
     @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
