@@ -1242,7 +1242,8 @@ async def run_hashing(request: Request, function, *args):
 MAX_REFRESHES = 10  # one every 15 minutes is all a client needs
 REFRESH_WINDOW = timedelta(minutes=10)
 # SQLite lets one writer in at a time, but not in the order they came: in a flood of
-# refreshes, one waited past its 5 seconds. In this worker, they take turns instead.
+# refreshes, one waited past its 5 seconds. So in this worker they take turns, before taking
+# a connection, not holding one. (On PostgreSQL, which locks rows, that costs a little speed.)
 refreshes_one_at_a_time = asyncio.Lock()
 
 
@@ -1594,7 +1595,7 @@ async def held_within(lock: asyncio.Lock, seconds: float):
     try:
         await asyncio.wait_for(lock.acquire(), seconds)
     except TimeoutError:
-        raise TimeoutError(f"waited {seconds} s for the logins before this one") from None
+        raise TimeoutError(f"waited {seconds} s for its turn") from None
     try:
         yield
     finally:

@@ -2276,7 +2276,12 @@ def test_12_a_user_keeps_only_the_sessions_used_last(app_dir, db, monkeypatch):
 
 def test_12_refreshes_take_turns_in_the_order_they_came(app_dir, db, monkeypatch):
     module = load_app(app_dir)
-    check_refresh_rate, holding = module.check_refresh_rate, threading.Event()
+    check_refresh_rate, hash_refresh_token = module.check_refresh_rate, module.hash_refresh_token
+    holding, came = threading.Event(), []
+
+    def arriving(token):
+        came.append(token)  # refresh hashes the token it was sent before anything else
+        return hash_refresh_token(token)
 
     async def the_first_holds_the_database(family, now):
         if not holding.is_set():
@@ -2288,6 +2293,7 @@ def test_12_refreshes_take_turns_in_the_order_they_came(app_dir, db, monkeypatch
     with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=7) as pool:
         register(client)
         tokens = [log_in_for_a_pair(client)["refresh_token"] for _ in range(7)]
+        patch_app(monkeypatch, module, "hash_refresh_token", arriving)
         answers = [pool.submit(refresh, client, tokens[0])]
         assert holding.wait(5), "12: the refresh did not reach check_refresh_rate"
         for token in tokens[1:]:
@@ -2297,11 +2303,12 @@ def test_12_refreshes_take_turns_in_the_order_they_came(app_dir, db, monkeypatch
             expect(answer.result(), 200, "12")
     # Each refresh stored its family's next token: their ids say in which order they ran.
     families = [token.partition(".")[0] for token in tokens]
+    arrived = [token.partition(".")[0] for token in came if token in tokens]
     stored = rows(db, "SELECT family FROM refresh_tokens WHERE spent_at IS NULL ORDER BY id")
     ran = [row["family"] for row in stored if row["family"] in families]
-    assert ran == families, (
-        "12: refreshes take turns in the order they came (refreshes_one_at_a_time): SQLite "
-        f"lets waiting writers in in no order; they ran {[families.index(f) for f in ran]}"
+    assert ran == arrived, (
+        "12: refreshes take turns in the order they came (refreshes_one_at_a_time); "
+        f"they came {[families.index(f) for f in arrived]}, ran {[families.index(f) for f in ran]}"
     )
 
 
@@ -2895,6 +2902,39 @@ def test_15_openapi_declares_503_on_every_route(client):
             assert content.get("schema") == {"$ref": "#/components/schemas/ErrorOut"}, (
                 f"15: {method.upper()} {path} should declare its 503 (responses= of the app)"
             )
+
+
+def test_15_a_refresh_waits_for_its_turn_at_most_a_while(app_dir, monkeypatch):
+    module = load_app(app_dir)
+
+    class HeldForThreeSeconds:
+        """A turn that another refresh holds for 3 seconds, as a lock would."""
+
+        async def acquire(self):
+            await asyncio.sleep(3)
+            return True
+
+        def release(self):
+            pass
+
+        async def __aenter__(self):
+            return await self.acquire()
+
+        async def __aexit__(self, *error):
+            pass
+
+    patch_app(monkeypatch, module, "refreshes_one_at_a_time", HeldForThreeSeconds())
+    patch_app(monkeypatch, module, "DATABASE_WAIT_SECONDS", 1)
+    with TestClient(module.app) as client:
+        register(client)
+        started = time.monotonic()
+        answer = refresh(client, log_in_for_a_pair(client)["refresh_token"])
+        took = time.monotonic() - started
+    expect(
+        answer, 503, "15: a refresh waits for its turn at most DATABASE_WAIT_SECONDS (held_within)"
+    )
+    assert answer.headers.get("retry-after") == "1", "15: say when: Retry-After"
+    assert took < 2.5, f"15: the refresh waited {took:.1f} s for its turn, not at most 1"
 
 
 def test_15_a_login_waits_for_the_claims_before_it_at_most_a_while(app_dir):
