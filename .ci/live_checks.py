@@ -1038,10 +1038,10 @@ def login_floods(database_url=None):
     server = start_workers(workdir, name, 2, **settings)
     if server is None:
         return
-    # Reads' p90 at most 2x idle; 3x on SQLite, where each read opens a connection and a
-    # thread of aiosqlite's, and the worker's own busy hashing threads slow those down: with
-    # no flood at all, they made SQLite's reads 1.5 to 1.9x as slow, PostgreSQL's 1.0x. So a
-    # flood measured 1.6 to 2.4x there (2026-12-05), and PostgreSQL 1.1 to 1.7x.
+    # Reads' p90 at most 2x idle; 3x on SQLite, whose reads each open a connection and a
+    # thread of aiosqlite's: with no flood at all, the worker's own hashing threads, busy,
+    # made SQLite's reads 1.5 to 1.9x as slow, PostgreSQL's 1.0x (README, "Login under
+    # attack"). Floods measured 1.6 to 2.4x there on 2026-12-05, 1.1 to 1.8x on PostgreSQL.
     most = 2 if database_url else 3
     database_url = database_url or f"sqlite:///{workdir / 'clothes.db'}"
     registered(server, RETURNING["email"])
