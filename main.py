@@ -1237,8 +1237,8 @@ async def run_hashing(request: Request, function, *args):
 
 
 # A refresh costs no hash: a client could refresh hundreds of times a second, a new row each
-# time. A family may refresh MAX_REFRESHES times in REFRESH_WINDOW, and keeps that many
-# spent tokens: enough to count its refreshes, and to catch a recent one coming back.
+# time. A family may refresh MAX_REFRESHES times in REFRESH_WINDOW, and keeps one spent
+# token more: enough to count its refreshes, and to catch a recent one coming back.
 MAX_REFRESHES = 10  # one every 15 minutes is all a client needs
 REFRESH_WINDOW = timedelta(minutes=10)
 # SQLite lets one writer in at a time, but not in the order they came: in a flood of
