@@ -995,6 +995,24 @@ def family_ended(family):
     return sqlalchemy.exists().where(ended.c.family == family, ended.c.family_ended_at.is_not(None))
 
 
+def spendable(token_hash: str, now: datetime) -> tuple:
+    """Where a refresh token can be spent: unspent, unexpired, its family not ended, and
+    made under the user's token_version of now."""
+    current_version = (
+        sqlalchemy.select(users.c.token_version)
+        .where(users.c.id == refresh_tokens.c.user_id)
+        .scalar_subquery()
+    )
+    return (
+        refresh_tokens.c.token_hash == token_hash,
+        refresh_tokens.c.spent_at.is_(None),
+        ~family_ended(refresh_tokens.c.family),
+        refresh_tokens.c.expires_at > now,
+        refresh_tokens.c.family_expires_at > now,
+        refresh_tokens.c.token_version == current_version,
+    )
+
+
 async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
     """Answer 401 with the reason; a spent token that comes back ends its whole family."""
     token = await database.fetch_one(
@@ -1043,30 +1061,19 @@ async def refuse_refresh(token_hash: str, now: datetime) -> NoReturn:
 async def refresh(body: RefreshIn):
     now = datetime.now(timezone.utc)
     token_hash = hash_refresh_token(body.refresh_token)
-    current_version = (
-        sqlalchemy.select(users.c.token_version)
-        .where(users.c.id == refresh_tokens.c.user_id)
-        .scalar_subquery()
-    )
+    await refuse_before_its_turn(body.refresh_token, token_hash, now)  # 12
     # Spending it and storing the next one commit together: whoever sees it spent also
     # sees its successor, and ends that too on a reuse.
     async with held_within(refreshes_one_at_a_time, DATABASE_WAIT_SECONDS), database.transaction():
         # One statement checks and spends: of two refreshes at once, only one wins.
         spent = await database.fetch_one(
             refresh_tokens.update()
-            .where(
-                refresh_tokens.c.token_hash == token_hash,
-                refresh_tokens.c.spent_at.is_(None),
-                ~family_ended(refresh_tokens.c.family),
-                refresh_tokens.c.expires_at > now,
-                refresh_tokens.c.family_expires_at > now,
-                refresh_tokens.c.token_version == current_version,
-            )
+            .where(*spendable(token_hash, now))
             .values(spent_at=now)
             .returning(*refresh_tokens.c)
         )
         if spent is not None:
-            await check_refresh_rate(spent["family"], now)  # 12
+            await check_refresh_rate(spent["family"], token_hash, now)  # 12
             token = await store_refresh_token(
                 user_id=spent["user_id"],
                 family=spent["family"],
@@ -1247,14 +1254,18 @@ REFRESH_WINDOW = timedelta(minutes=10)
 refreshes_one_at_a_time = asyncio.Lock()
 
 
-async def check_refresh_rate(family: str, now: datetime) -> None:
-    # The family's spent tokens, latest first, this one among them: the one MAX_REFRESHES
-    # back must be older than the window.
+async def check_refresh_rate(family: str, token_hash: str, now: datetime) -> None:
+    # The family's other spent tokens, latest first: with the one MAX_REFRESHES - 1 back
+    # inside the window, this refresh would be one too many.
     oldest = await database.fetch_val(
         sqlalchemy.select(refresh_tokens.c.spent_at)
-        .where(refresh_tokens.c.family == family, refresh_tokens.c.spent_at.is_not(None))
+        .where(
+            refresh_tokens.c.family == family,
+            refresh_tokens.c.spent_at.is_not(None),
+            refresh_tokens.c.token_hash != token_hash,
+        )
         .order_by(refresh_tokens.c.spent_at.desc())
-        .offset(MAX_REFRESHES)
+        .offset(MAX_REFRESHES - 1)
         .limit(1)
     )
     if oldest is None:
@@ -1330,6 +1341,16 @@ async def refuse_a_forgotten_token(token: str, token_hash: str, now: datetime) -
     )
     logging.getLogger(__name__).warning(f"A forgotten refresh token came back: {family} is ended.")
     raise unauthorized("Refresh token already used: log in again.")
+
+
+async def refuse_before_its_turn(token: str, token_hash: str, now: datetime) -> None:
+    # By reads alone, before its turn: a flood of made-up, spent, revoked or too frequent
+    # tokens then makes no one wait. refresh checks again as it spends.
+    usable = await database.fetch_one(refresh_tokens.select().where(*spendable(token_hash, now)))
+    if usable is None:
+        await refuse_a_forgotten_token(token, token_hash, now)
+        await refuse_refresh(token_hash, now)
+    await check_refresh_rate(usable["family"], token_hash, now)
 
 
 MAX_BODY_BYTES = 64 * 1024  # the forms of this app are a few hundred bytes

@@ -2185,6 +2185,23 @@ def refresh_chain(client, token, times):
     return answer, token
 
 
+class HeldForThreeSeconds:
+    """A refresh's turn that another refresh holds for 3 seconds, as a lock would."""
+
+    async def acquire(self):
+        await asyncio.sleep(3)
+        return True
+
+    def release(self):
+        pass
+
+    async def __aenter__(self):
+        return await self.acquire()
+
+    async def __aexit__(self, *error):
+        pass
+
+
 def spent_long_ago(db):
     table = reflected(db, "refresh_tokens")
     with db.begin() as connection:
@@ -2276,26 +2293,26 @@ def test_12_a_user_keeps_only_the_sessions_used_last(app_dir, db, monkeypatch):
 
 def test_12_refreshes_take_turns_in_the_order_they_came(app_dir, db, monkeypatch):
     module = load_app(app_dir)
-    check_refresh_rate, hash_refresh_token = module.check_refresh_rate, module.hash_refresh_token
+    store_refresh_token, hash_refresh_token = module.store_refresh_token, module.hash_refresh_token
     holding, came = threading.Event(), []
 
     def arriving(token):
         came.append(token)  # refresh hashes the token it was sent before anything else
         return hash_refresh_token(token)
 
-    async def the_first_holds_the_database(family, now):
+    async def the_first_holds_the_database(**values):
         if not holding.is_set():
             holding.set()
             await asyncio.sleep(0.6)  # inside its transaction: SQLite's write lock is its
-        await check_refresh_rate(family, now)
+        return await store_refresh_token(**values)
 
-    patch_app(monkeypatch, module, "check_refresh_rate", the_first_holds_the_database)
     with TestClient(module.app) as client, ThreadPoolExecutor(max_workers=7) as pool:
         register(client)
         tokens = [log_in_for_a_pair(client)["refresh_token"] for _ in range(7)]
+        patch_app(monkeypatch, module, "store_refresh_token", the_first_holds_the_database)
         patch_app(monkeypatch, module, "hash_refresh_token", arriving)
         answers = [pool.submit(refresh, client, tokens[0])]
-        assert holding.wait(5), "12: the refresh did not reach check_refresh_rate"
+        assert holding.wait(5), "12: the refresh did not store its next token"
         for token in tokens[1:]:
             time.sleep(0.03)  # six more, one after another, while the first holds it
             answers.append(pool.submit(refresh, client, token))
@@ -2310,6 +2327,28 @@ def test_12_refreshes_take_turns_in_the_order_they_came(app_dir, db, monkeypatch
         "12: refreshes take turns in the order they came (refreshes_one_at_a_time); "
         f"they came {[families.index(f) for f in arrived]}, ran {[families.index(f) for f in ran]}"
     )
+
+
+def test_12_a_token_that_cannot_be_spent_is_refused_before_its_turn(app_dir, monkeypatch):
+    module = load_app(app_dir)
+    with TestClient(module.app) as client:
+        register(client)
+        first = log_in_for_a_pair(client)["refresh_token"]
+        answer, latest = refresh_chain(client, first, 10)
+        expect(answer, 200, "12")
+        patch_app(monkeypatch, module, "refreshes_one_at_a_time", HeldForThreeSeconds())
+        # One too many, made up, and spent: none of them may wait for a turn to be refused.
+        for token, status_code in [
+            (latest, 429),
+            (first.partition(".")[0] + ".x", 401),
+            (first, 401),
+        ]:
+            started = time.monotonic()
+            expect(refresh(client, token), status_code, "12")
+            assert time.monotonic() - started < 1.5, (
+                "12: a refresh that would be refused is refused by reads, before its turn "
+                "(refuse_before_its_turn): a flood of them must make no one wait"
+            )
 
 
 if "postgresql" in DATABASES:  # PostgreSQL only: SQLite locks the whole file, not rows.
@@ -2906,23 +2945,6 @@ def test_15_openapi_declares_503_on_every_route(client):
 
 def test_15_a_refresh_waits_for_its_turn_at_most_a_while(app_dir, monkeypatch):
     module = load_app(app_dir)
-
-    class HeldForThreeSeconds:
-        """A turn that another refresh holds for 3 seconds, as a lock would."""
-
-        async def acquire(self):
-            await asyncio.sleep(3)
-            return True
-
-        def release(self):
-            pass
-
-        async def __aenter__(self):
-            return await self.acquire()
-
-        async def __aexit__(self, *error):
-            pass
-
     patch_app(monkeypatch, module, "refreshes_one_at_a_time", HeldForThreeSeconds())
     patch_app(monkeypatch, module, "DATABASE_WAIT_SECONDS", 1)
     with TestClient(module.app) as client:
