@@ -1073,7 +1073,6 @@ async def refresh(body: RefreshIn):
             .returning(*refresh_tokens.c)
         )
         if spent is not None:
-            await check_refresh_rate(spent["family"], token_hash, now)  # 12
             token = await store_refresh_token(
                 user_id=spent["user_id"],
                 family=spent["family"],
@@ -1274,7 +1273,7 @@ async def check_refresh_rate(family: str, token_hash: str, now: datetime) -> Non
         oldest = oldest.replace(tzinfo=timezone.utc)
     wait = math.ceil((oldest + REFRESH_WINDOW - now).total_seconds())
     if wait > 0:
-        # Raised inside refresh's transaction: the token stays unspent, to be used later.
+        # Raised before the token is spent: it stays unspent, to be used later.
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
             f"Too many refreshes: try again in {wait} s.",
@@ -1334,8 +1333,11 @@ async def refuse_a_forgotten_token(token: str, token_hash: str, now: datetime) -
     rows_of = sqlalchemy.select(sqlalchemy.func.count()).select_from(refresh_tokens)
     if await database.fetch_val(rows_of.where(refresh_tokens.c.token_hash == token_hash)):
         return  # its row is there: refuse_refresh says why
-    if not await database.fetch_val(rows_of.where(refresh_tokens.c.family == family)):
-        return  # no such family: refuse_refresh says it is invalid
+    live = rows_of.where(
+        refresh_tokens.c.family == family, refresh_tokens.c.family_ended_at.is_(None)
+    )
+    if not await database.fetch_val(live):
+        return  # no such family, or ended already: refuse_refresh says it is invalid
     await database.execute(
         refresh_tokens.update().where(refresh_tokens.c.family == family).values(family_ended_at=now)
     )
@@ -1344,8 +1346,8 @@ async def refuse_a_forgotten_token(token: str, token_hash: str, now: datetime) -
 
 
 async def refuse_before_its_turn(token: str, token_hash: str, now: datetime) -> None:
-    # By reads alone, before its turn: a flood of made-up, spent, revoked or too frequent
-    # tokens then makes no one wait. refresh checks again as it spends.
+    # Before its turn: a flood of made-up, spent, revoked or too frequent tokens makes no one
+    # wait. A family has one unspent token at a time, so no refresh of it can race this count.
     usable = await database.fetch_one(refresh_tokens.select().where(*spendable(token_hash, now)))
     if usable is None:
         await refuse_a_forgotten_token(token, token_hash, now)

@@ -2293,12 +2293,13 @@ def test_12_a_user_keeps_only_the_sessions_used_last(app_dir, db, monkeypatch):
 
 def test_12_refreshes_take_turns_in_the_order_they_came(app_dir, db, monkeypatch):
     module = load_app(app_dir)
-    store_refresh_token, hash_refresh_token = module.store_refresh_token, module.hash_refresh_token
+    store_refresh_token = module.store_refresh_token
+    refuse_before_its_turn = module.refuse_before_its_turn
     holding, came = threading.Event(), []
 
-    def arriving(token):
-        came.append(token)  # refresh hashes the token it was sent before anything else
-        return hash_refresh_token(token)
+    async def arriving(token, token_hash, now):
+        await refuse_before_its_turn(token, token_hash, now)
+        came.append(token)  # and with no await between, refresh waits for its turn
 
     async def the_first_holds_the_database(**values):
         if not holding.is_set():
@@ -2310,7 +2311,7 @@ def test_12_refreshes_take_turns_in_the_order_they_came(app_dir, db, monkeypatch
         register(client)
         tokens = [log_in_for_a_pair(client)["refresh_token"] for _ in range(7)]
         patch_app(monkeypatch, module, "store_refresh_token", the_first_holds_the_database)
-        patch_app(monkeypatch, module, "hash_refresh_token", arriving)
+        patch_app(monkeypatch, module, "refuse_before_its_turn", arriving)
         answers = [pool.submit(refresh, client, tokens[0])]
         assert holding.wait(5), "12: the refresh did not store its next token"
         for token in tokens[1:]:
@@ -2338,13 +2339,16 @@ def test_12_a_token_that_cannot_be_spent_is_refused_before_its_turn(app_dir, mon
         expect(answer, 200, "12")
         patch_app(monkeypatch, module, "refreshes_one_at_a_time", HeldForThreeSeconds())
         # One too many, made up, and spent: none of them may wait for a turn to be refused.
-        for token, status_code in [
-            (latest, 429),
-            (first.partition(".")[0] + ".x", 401),
-            (first, 401),
-        ]:
+        refusals = [
+            (latest, 429, "Too many refreshes"),
+            ("made-up.token", 401, "Invalid refresh token."),
+            (first, 401, "Refresh token already used: log in again."),
+        ]
+        for token, status_code, detail in refusals:
             started = time.monotonic()
-            expect(refresh(client, token), status_code, "12")
+            answer = refresh(client, token)
+            expect(answer, status_code, "12")
+            assert answer.json()["detail"].startswith(detail), f"12: {answer.json()}"
             assert time.monotonic() - started < 1.5, (
                 "12: a refresh that would be refused is refused by reads, before its turn "
                 "(refuse_before_its_turn): a flood of them must make no one wait"
