@@ -1253,16 +1253,12 @@ REFRESH_WINDOW = timedelta(minutes=10)
 refreshes_one_at_a_time = asyncio.Lock()
 
 
-async def check_refresh_rate(family: str, token_hash: str, now: datetime) -> None:
-    # The family's other spent tokens, latest first: with the one MAX_REFRESHES - 1 back
-    # inside the window, this refresh would be one too many.
+async def check_refresh_rate(family: str, now: datetime) -> None:
+    # The family's spent tokens, latest first (this one is not spent yet): with the one
+    # MAX_REFRESHES - 1 back inside the window, this refresh would be one too many.
     oldest = await database.fetch_val(
         sqlalchemy.select(refresh_tokens.c.spent_at)
-        .where(
-            refresh_tokens.c.family == family,
-            refresh_tokens.c.spent_at.is_not(None),
-            refresh_tokens.c.token_hash != token_hash,
-        )
+        .where(refresh_tokens.c.family == family, refresh_tokens.c.spent_at.is_not(None))
         .order_by(refresh_tokens.c.spent_at.desc())
         .offset(MAX_REFRESHES - 1)
         .limit(1)
@@ -1352,7 +1348,7 @@ async def refuse_before_its_turn(token: str, token_hash: str, now: datetime) -> 
     if usable is None:
         await refuse_a_forgotten_token(token, token_hash, now)
         await refuse_refresh(token_hash, now)
-    await check_refresh_rate(usable["family"], token_hash, now)
+    await check_refresh_rate(usable["family"], now)
 
 
 MAX_BODY_BYTES = 64 * 1024  # the forms of this app are a few hundred bytes
