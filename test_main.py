@@ -2319,6 +2319,9 @@ def test_12_refreshes_take_turns_in_the_order_they_came(app_dir, db, monkeypatch
             answers.append(pool.submit(refresh, client, token))
         for answer in answers:
             expect(answer.result(), 200, "12")
+    assert len(came) == len(tokens), (
+        "12: refresh calls refuse_before_its_turn right after token_hash = …, before its turn"
+    )
     # Each refresh stored its family's next token: their ids say in which order they ran.
     families = [token.partition(".")[0] for token in tokens]
     arrived = [token.partition(".")[0] for token in came]
@@ -2347,7 +2350,7 @@ def test_12_a_token_that_cannot_be_spent_is_refused_before_its_turn(app_dir, mon
         for token, status_code, detail in refusals:
             started = time.monotonic()
             answer = refresh(client, token)
-            expect(answer, status_code, "12")
+            expect(answer, status_code, "12: refresh calls refuse_before_its_turn")
             assert answer.json()["detail"].startswith(detail), f"12: {answer.json()}"
             assert time.monotonic() - started < 1.5, (
                 "12: a refresh that would be refused is refused by reads, before its turn "
